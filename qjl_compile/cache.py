@@ -82,12 +82,12 @@ class QJLLayer(CacheLayerMixin):
         self.consts = [c.to(self.device) for c in self.consts]
         self.state = ref.make_state(self.codec, B, H, self.max_cache_len, D, self.cfg.residual, self.consts,
                                     self.meta[3:], self.dtype, self.cfg.torch_side_dtype, self.device)
-        if self.device.type == "cuda" and self.codec.id == 0:
-            from .kernels import triton as qjl_triton
-            qjl_triton.prepare(self.consts, self.dtype)
-        if self.device.type != "cpu" and self.codec.id != 0:
-            # only QJL has device kernels for append/attend; the others' reference reads the length
-            # on the host, which a CUDA graph cannot capture: keep HF from auto-compiling with one
+        from .kernels import triton as qjl_triton
+        if self.device.type == "cuda":
+            qjl_triton.prepare(self.codec.id, self.consts, self.dtype)
+        if self.device.type != "cpu" and not (self.device.type == "cuda" and qjl_triton.has_kernels(self.codec.id)):
+            # without device kernels the codec's reference append reads the length on the host,
+            # which a CUDA graph cannot capture: keep HF from auto-compiling with this cache
             self.is_compileable = False
         if not is_torchdynamo_compiling():
             for t in self.state + self.consts:

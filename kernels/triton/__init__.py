@@ -27,13 +27,31 @@ def _have_triton() -> bool:
         return False
 
 
+# codec id -> (append module, append fn, attend module, attend fn) in this package; imported on
+# the first CUDA call. A codec missing here runs the PyTorch path on CUDA (reference append,
+# sync-free attend). Row limit: above `max_rows` query rows per kv head (chunked prefill) the
+# attend takes SDPA over the sync-free dequantization instead of the decode kernel.
+KERNELS = {
+    0: ("qjl_append", "qjl_append_", "qjl_attend", "qjl_attend"),
+}
+
+
+def _kernel(codec: int, which: int):
+    spec = KERNELS.get(codec)
+    if spec is None or not _have_triton():
+        return None
+    import importlib
+    mod = importlib.import_module(f"{__name__}.{spec[2 * which]}")
+    return getattr(mod, spec[2 * which + 1])
+
+
 def _append_cuda(state, consts, k, v, meta):
     from .. import ops, reference as ref
     ops._check(state, k, v, meta)
-    if int(meta[0]) != 0 or not _have_triton():
+    fn = _kernel(int(meta[0]), 0)
+    if fn is None:
         return ref.append_(state, consts, k, v, meta)
-    from .qjl_append import qjl_append_
-    qjl_append_(state, consts, k, v, meta)
+    fn(state, consts, k, v, meta)
 
 
 def _attend_cuda(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, meta):
@@ -43,12 +61,12 @@ def _attend_cuda(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, me
         raise ValueError(f"qjl::attend: q must be (B, Hq, Tq, D) with Hq a multiple of the cache's "
                          f"{state[1].shape[1]} kv heads and D={state[1].shape[-1]}, got {tuple(q.shape)}")
     G = q.shape[1] // state[1].shape[1]
-    if int(meta[0]) != 0 or not _have_triton() or q.shape[2] * G > MAX_FUSED_ROWS:
-        # the fused kernel is a decode kernel (a few query rows per kv head); long chunks (chunked
+    fn = _kernel(int(meta[0]), 1)
+    if fn is None or q.shape[2] * G > MAX_FUSED_ROWS:
+        # the fused kernels are decode kernels (a few query rows per kv head); long chunks (chunked
         # prefill) and codecs without a kernel take SDPA over the device-side dequantization
         return ref.attend_nosync(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, meta)
-    from .qjl_attend import qjl_attend
-    return qjl_attend(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, meta)
+    return fn(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, meta)
 
 
 def register_cuda() -> bool:
@@ -66,17 +84,21 @@ def register_cuda() -> bool:
     return True
 
 
-def prepare(consts, dtype: torch.dtype) -> None:
-    """Build the kernels' derived constants (transposed sketches) for QJL `consts` ahead of time.
+def has_kernels(codec: int) -> bool:
+    """True if codec `codec` has Triton append + attend kernels (so its decode step is graph-safe)."""
+    return codec in KERNELS and _have_triton()
+
+
+def prepare(codec: int, consts, dtype: torch.dtype) -> None:
+    """Build a codec's derived kernel constants (e.g. transposed sketches) ahead of time.
 
     Called by the cache when it allocates a layer on CUDA, outside any graph capture: derived
     tensors first made during a CUDA-graph capture would sit in the graph's private pool.
+    Calls `prepare(consts, dtype)` of the codec's attend module where it has one.
     """
-    if not consts or not consts[0].is_cuda or not _have_triton():
+    if not consts or not consts[0].is_cuda or not has_kernels(codec):
         return
-    from .qjl_attend import sketch_t
-    for S in consts:
-        if S.shape[0]:
-            sketch_t(S, torch.float32)
-            if dtype in (torch.float16, torch.bfloat16):
-                sketch_t(S, dtype)
+    import importlib
+    mod = importlib.import_module(f"{__name__}.{KERNELS[codec][2]}")
+    if hasattr(mod, "prepare"):
+        mod.prepare(consts, dtype)

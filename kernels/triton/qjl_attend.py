@@ -303,6 +303,7 @@ def _combine(OPART, LSE, OUT, sob, soh, sot, H, Tq, NSPLIT,
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _CT_CACHE: dict = {}
 _FAST = True
+_OOR: dict = {}        # launch key -> groups per iteration that fit in shared memory
 _ONE = {torch.float16: 0x3C00, torch.bfloat16: 0x3F80}
 
 
@@ -328,6 +329,15 @@ def sketch_t(S: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         hit = (S, S.t().to(dtype).contiguous())
         _CT_CACHE[key] = hit
     return hit[1]
+
+
+def prepare(consts, dtype: torch.dtype) -> None:
+    """Fill the sketch_t cache for QJL `consts` (see kernels.triton.prepare)."""
+    for S in consts:
+        if S.shape[0]:
+            sketch_t(S, torch.float32)
+            if dtype in (torch.float16, torch.bfloat16):
+                sketch_t(S, dtype)
 
 
 def check_device(*ts, what="qjl triton"):
@@ -477,35 +487,48 @@ def qjl_attend(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, 
     num_warps = num_warps or cfg["num_warps"]
     if nsplit is None:
         nsplit = cfg["nsplit"]
-    step = 32 * ng
-    chunk = triton.cdiv(triton.cdiv(L, nsplit), step) * step
-    nsplit = triton.cdiv(L, chunk)
     DP = _p2(D)
-    opart = torch.empty(B * H, nsplit, M, DP, device=q.device, dtype=torch.float32)
-    lse = torch.empty(B * H, nsplit, M, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)
     sc = float(scale) if scale is not None else 1.0 / math.sqrt(D)
     c_in = ref.qjl_const(m, D)
     c_out = ref.qjl_const(mo, D) if mo else 0.0
-    args = (q, q.stride(0), q.stride(1), q.stride(2),
-            state[0],
-            rk, rv, rk.stride(0), rk.stride(1), rk.stride(2),
-            k_new, v_new, k_new.stride(0), k_new.stride(1), k_new.stride(2),
-            *state[3:11],
-            ST, SOT,
-            mt, *ms,
-            opart, lse)
-    tail = (H, Tq, T, LC, chunk, nsplit, sc * LOG2E, c_in, c_out)
     MSP, MOP = _p2(m), _p2(max(mo, 16))
     kw = dict(G=G, R=R, D=D, DP=DP, MS=m, MSP=MSP, MO=mo, MOP=MOP,
               NO=o, OP=max(16, _p2(o)), VB=vb, VG=vg, NGVP=_p2(D // vg),
               NBV=D * vb // 8, VSB=_p2(D // vg) * vg * vb // 8, PER=8 // vb,
               BM=BM, BN=32, KC=min(32, DP), MASK_KIND=mask_kind, CAUSAL=bool(is_causal), DT=DT,
-              num_warps=num_warps, num_stages=2)
-    sqs = torch.empty(B * H * n_mb * nsplit, MSP, BM, device=q.device, dtype=dot_dt)    # S q scratch
-    _attend_split[(B * H, n_mb, nsplit)](
-        *args, sqs, *tail, NG=ng, MC=min(64, MSP), MOC=min(64, MOP),
-        ONE=_ONE.get(dot_dt, 0) if fast else 0, **kw)
+              num_stages=2, MC=min(64, MSP), MOC=min(64, MOP), ONE=_ONE.get(dot_dt, 0) if fast else 0)
+    # a tile that needs more shared memory than the GPU has (it depends on the mask kind, dtype and
+    # shapes) is retried with fewer groups per iteration; the working choice is remembered
+    key = (q.device.index, tuple(sorted(kw.items())), ng, num_warps)
+    ng = _OOR.get(key, ng)
+    while True:
+        step = 32 * ng
+        ns = nsplit if nsplit is not None else cfg["nsplit"]
+        chunk = triton.cdiv(triton.cdiv(L, ns), step) * step
+        ns = triton.cdiv(L, chunk)
+        opart = torch.empty(B * H, ns, M, DP, device=q.device, dtype=torch.float32)
+        lse = torch.empty(B * H, ns, M, device=q.device, dtype=torch.float32)
+        sqs = torch.empty(B * H * n_mb * ns, MSP, BM, device=q.device, dtype=dot_dt)    # S q scratch
+        try:
+            _attend_split[(B * H, n_mb, ns)](
+                q, q.stride(0), q.stride(1), q.stride(2),
+                state[0],
+                rk, rv, rk.stride(0), rk.stride(1), rk.stride(2),
+                k_new, v_new, k_new.stride(0), k_new.stride(1), k_new.stride(2),
+                *state[3:11],
+                ST, SOT,
+                mt, *ms,
+                opart, lse, sqs,
+                H, Tq, T, LC, chunk, ns, sc * LOG2E, c_in, c_out,
+                NG=ng, num_warps=num_warps, **kw)
+            break
+        except triton.runtime.errors.OutOfResources:
+            if ng == 1:
+                raise
+            ng //= 2
+            _OOR[key] = ng
+    nsplit = ns
     _combine[(B * H, n_mb)](opart, lse, out, out.stride(0), out.stride(1), out.stride(2), H, Tq, nsplit,
                             G=G, D=D, DP=DP, BM=BM, num_warps=4)
     return out
