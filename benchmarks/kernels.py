@@ -1,11 +1,19 @@
-"""Kernel benchmark: fused QJL attention vs SDPA decode, and QJL append vs prefill attention.
+"""Kernel benchmark: fused QJL attention vs SDPA decode, other codecs' attend, QJL append vs prefill.
 
 Llama-3-8B attention shape (32 q heads, 8 kv heads, d=128), bf16, decode q_len=1. QJL uses the
 "reference" preset past the initial layers (m=256, m_out=128, o=8, 2-bit values, R=128).
 Every row is timed in the same run with benchmarks/timer.py (CUDA events, median, L2 flushed,
 CUDA-graph replay so launch overhead is out of both the peer and us).
 
-    python benchmarks/kernels.py [--out benchmarks/results/kernels.json] [--quick]
+Preset rows (``--presets``): each named QJLConfig preset's cache state for one layer past the
+initial ones, filled with random tokens by the codec's append (its Triton kernel, or the reference
+where the codec has none), timed through ``torch.ops.qjl.attend`` (the codec's fused kernel, or
+SDPA over the sync-free dequantization where it has none: see the note column). "MB read" counts
+the live rows of the codec's allocated buffers plus ring, q and output (the floor; a codec
+without a fused kernel reads more). "vs ref" is the time over the "reference" preset's at that size.
+
+    python benchmarks/kernels.py [--out benchmarks/results/kernels.json] [--quick] [--presets a,b]
+    python benchmarks/kernels.py --smoke        # CPU: builds and checks every preset row, no timing
 """
 from __future__ import annotations
 
@@ -26,8 +34,13 @@ except ImportError:  # run as a script
 
 from qjl_compile.config import QJLConfig
 from qjl_compile.kernels import reference as ref
-from qjl_compile.kernels.triton.qjl_append import qjl_append_
-from qjl_compile.kernels.triton.qjl_attend import qjl_attend
+
+
+def _triton_kernels():
+    """The QJL launchers; imported on use so --help and --smoke run where triton is missing."""
+    from qjl_compile.kernels.triton.qjl_append import qjl_append_
+    from qjl_compile.kernels.triton.qjl_attend import qjl_attend
+    return qjl_append_, qjl_attend
 
 HQ, H, D = 32, 8, 128
 DTYPE = torch.bfloat16
@@ -36,6 +49,7 @@ VARIANTS = [("ng=2 w4", dict(ng=2, num_warps=4)),
             ("ng=4 w4", dict(ng=4, num_warps=4)),
             ("ng=8 w8", dict(ng=8, num_warps=8))]
 DECODE = [(1, 4096), (1, 16384), (1, 65536), (1, 131072), (16, 4096), (16, 16384)]
+PRESETS = "reference,rotation-k4v3,rotation4,decoquant4"
 
 
 def qjl_setup(B, L, cfg, seed=0):
@@ -56,7 +70,7 @@ def fill(st, consts, meta, n, chunk=16384):
     while done < n:
         T = min(chunk, n - done)
         k = torch.randn(B, H, T, D, device="cuda", dtype=DTYPE)
-        qjl_append_(st, consts, k, torch.randn_like(k), meta)
+        _triton_kernels()[0](st, consts, k, torch.randn_like(k), meta)
         done += T
 
 
@@ -75,6 +89,7 @@ def qjl_bytes(st, n, B, Tq=1):
 
 
 def decode_rows(B, L, cfg, copy_gbs):
+    qjl_append_, qjl_attend = _triton_kernels()
     rows = []
     n = L
     kv_bytes = 2 * B * H * n * D * 2
@@ -126,8 +141,121 @@ def decode_rows(B, L, cfg, copy_gbs):
     torch.cuda.empty_cache()
     return rows
 
+# rotation-codec launch variants timed beside the default (name, rotation_attend keyword arguments)
+ROT_VARIANTS = [("bt=32 w4", dict(bt=32, num_warps=4)),
+                ("bt=64 w8", dict(bt=64, num_warps=8)),
+                ("bt=128 w8", dict(bt=128, num_warps=8))]
+
+
+def preset_setup(name, B, L, device, seed=0):
+    """One layer's cache for preset `name` (a layer past the initial ones): (state, consts, meta, has_kernel)."""
+    from qjl_compile.cache import _codec_setup
+    from qjl_compile.kernels import triton as qjl_triton
+    cfg = QJLConfig.preset(name, head_dim=D)
+    codec, consts, params = _codec_setup(cfg, cfg.initial_layers, D)
+    consts = [c.to(device) for c in consts]
+    meta = [codec.id, cfg.residual, L, *params]
+    st = ref.make_state(codec, B, H, L, D, cfg.residual, consts, params, DTYPE, cfg.torch_side_dtype, device)
+    kern = device != "cpu" and qjl_triton.has_kernels(codec.id)
+    if kern:
+        qjl_triton.prepare(codec.id, consts, DTYPE)
+    return st, consts, meta, kern
+
+
+def preset_fill(st, consts, meta, n, device, chunk=16384, gen=None):
+    """Store n random tokens through torch.ops.qjl.append (the codec's kernel or the reference)."""
+    B = st[1].shape[0]
+    done = 0
+    while done < n:
+        T = min(chunk, n - done)
+        k = torch.randn(B, H, T, D, generator=gen, device=device).to(DTYPE)
+        v = torch.randn(B, H, T, D, generator=gen, device=device).to(DTYPE)
+        torch.ops.qjl.append(st, consts, k, v, meta)
+        done += T
+
+
+def codec_bytes(st, consts, meta, n, B, Tq=1):
+    """Bytes a fused attend must read/write: the live rows of every codec buffer (rows per position
+    and head-only sink buffers from the codec's specs), exact ring tokens, q and output."""
+    codec, R = ref.codec_of(meta), int(meta[1])
+    c = n // R * R
+    tot = 0
+    for t, spec in zip(st[3:], codec.specs(D, consts, meta[3:])):
+        tot += t[:, :, : min(c // spec.per, t.shape[2])].numel() * t.element_size()
+    tot += 2 * B * H * (n - c) * D * st[1].element_size()
+    tot += 2 * B * HQ * Tq * D * st[1].element_size()
+    return tot
+
+
+def preset_rows(B, L, names, copy_gbs, best_peer, device="cuda", timed=True):
+    """Rows of the named presets at (B, L): attend through torch.ops.qjl, vs SDPA and vs "reference"."""
+    rows = []
+    gen = torch.Generator(device=device).manual_seed(1)
+    q = torch.randn(B, HQ, 1, D, generator=gen, device=device).to(DTYPE)
+    ms_ref = None
+    for name in sorted(names, key=lambda x: x != "reference"):      # the "vs ref" baseline first
+        st, consts, meta, kern = preset_setup(name, B, L, device)
+        preset_fill(st, consts, meta, L - 1, device, gen=gen)
+        k1 = torch.randn(B, H, 1, D, generator=gen, device=device).to(DTYPE)
+        v1 = torch.randn(B, H, 1, D, generator=gen, device=device).to(DTYPE)
+        torch.ops.qjl.append(st, consts, k1, v1, meta)
+
+        def att():
+            return torch.ops.qjl.attend(q, st, consts, k1, v1, None, True, None, meta)
+
+        out = att()
+        if B * L <= 16384 * 16:
+            want = ref.attend(q, st, consts, k1, v1, None, True, None, meta)
+            err = ((out.float() - want.float()).norm() / want.float().norm()).item()
+        else:
+            want, err = None, float("nan")
+        nb = codec_bytes(st, consts, meta, L, B)
+        path = "fused kernel" if kern else ("reference" if device == "cpu" else "no kernel: SDPA over dequantize_nosync")
+        note = f"{path}, rel err vs reference {err:.1e}"
+        if not timed:
+            rows.append(dict(B=B, L=L, impl=f"{name} attend", ms=None, MB=nb / 1e6, GBs=None, pct_copy=None,
+                             speedup=None, vs_ref=None, rel_err=err, note=note))
+            continue
+        try:
+            ms = bench(att, graph=True)
+        except RuntimeError as e:                       # a path that cannot be captured: eager timing
+            ms, note = bench(att, graph=False), note + f"; eager (capture failed: {str(e)[:60]})"
+        if name == "reference":
+            ms_ref = ms
+        rows.append(dict(B=B, L=L, impl=f"{name} attend", ms=ms, MB=nb / 1e6, GBs=nb / ms / 1e6,
+                         pct_copy=100 * nb / ms / 1e6 / copy_gbs, speedup=best_peer / ms,
+                         vs_ref=None if ms_ref is None else ms / ms_ref, rel_err=err, note=note))
+        if kern and meta[0] == 2:
+            from qjl_compile.kernels.triton.rotation import rotation_attend
+            for vname, kw in ROT_VARIANTS:
+                def run_v():
+                    return rotation_attend(q, st, consts, k1, v1, None, True, None, meta, **kw)
+                o_v = run_v()
+                e_v = ((o_v.float() - want.float()).norm() / want.float().norm()).item() if want is not None else float("nan")
+                ms_v = bench(run_v, graph=True)
+                rows.append(dict(B=B, L=L, impl=f"{name} attend {vname}", ms=ms_v, MB=nb / 1e6, GBs=nb / ms_v / 1e6,
+                                 pct_copy=100 * nb / ms_v / 1e6 / copy_gbs, speedup=best_peer / ms_v,
+                                 vs_ref=None if ms_ref is None else ms_v / ms_ref, rel_err=e_v,
+                                 note=f"rotation_attend direct, rel err vs reference {e_v:.1e}"))
+        del st, out, want
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def smoke(names):
+    """CPU: build, fill and attend every preset at a tiny size through the reference ops (no timing)."""
+    from tabulate import tabulate
+    rows = preset_rows(1, 300, names, copy_gbs=None, best_peer=None, device="cpu", timed=False)
+    for r in rows:
+        if not r["rel_err"] < 1e-5:                     # the reference vs itself: must agree
+            sys.exit(f"smoke: {r['impl']} rel err {r['rel_err']}")
+    print(tabulate([[r["B"], r["L"], r["impl"], f"{r['MB']:.3f}", r["note"]] for r in rows],
+                   headers=["B", "L", "impl", "MB read", "note"]))
+
 
 def append_rows(cfg, n=32768):
+    qjl_append_, _ = _triton_kernels()
     st, consts, meta = qjl_setup(1, n, cfg)
     k = torch.randn(1, H, n, D, device="cuda", dtype=DTYPE)
     v = torch.randn_like(k)
@@ -157,7 +285,15 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="only B=1 L=4k and B=16 L=4k")
     ap.add_argument("--sizes", default=None, help="decode sizes as BxL list, e.g. 1x4096,16x16384")
     ap.add_argument("--no-append", action="store_true", help="skip the append vs prefill rows")
+    ap.add_argument("--presets", default=PRESETS,
+                    help=f"QJLConfig presets timed through torch.ops.qjl.attend per size ('' for none; default {PRESETS})")
+    ap.add_argument("--smoke", action="store_true", help="CPU check of the preset rows' setup (no timing, no GPU)")
     args = ap.parse_args(argv)
+    names = [x for x in args.presets.split(",") if x]
+    for nm in names:
+        QJLConfig.preset(nm)                            # unknown names fail before any GPU work
+    if args.smoke:
+        return smoke(names)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU")
     from tabulate import tabulate
@@ -173,6 +309,9 @@ def main(argv=None):
     for B, L in sizes:
         t0 = time.time()
         rows += decode_rows(B, L, cfg, copy_gbs)
+        if names:
+            best_peer = min(r["ms"] for r in rows if r["B"] == B and r["L"] == L and r["impl"].startswith("sdpa"))
+            rows += preset_rows(B, L, names, copy_gbs, best_peer)
         print(f"  B={B} L={L}: {time.time() - t0:.1f}s", flush=True)
     if not args.no_append:
         rows += append_rows(cfg)
@@ -181,9 +320,10 @@ def main(argv=None):
         json.dump(dict(env=header, copy_GBs=copy_gbs, command=" ".join(["python"] + sys.argv), rows=rows), f, indent=1)
     fmt = [[r["B"], r["L"], r["impl"], f"{r['ms'] * 1e3:.1f}", "" if r["MB"] is None else f"{r['MB']:.1f}",
             "" if r["GBs"] is None else f"{r['GBs']:.0f}", "" if r["pct_copy"] is None else f"{r['pct_copy']:.0f}%",
-            "" if r["speedup"] is None else f"{r['speedup']:.2f}x", r["note"]] for r in rows]
+            "" if r["speedup"] is None else f"{r['speedup']:.2f}x",
+            "" if r.get("vs_ref") is None else f"{r['vs_ref']:.2f}x", r["note"]] for r in rows]
     print(f"\n{header}; copy bandwidth {copy_gbs:.0f} GB/s")
-    print(tabulate(fmt, headers=["B", "L", "impl", "us", "MB read", "GB/s", "% copy", "speedup", "note"]))
+    print(tabulate(fmt, headers=["B", "L", "impl", "us", "MB read", "GB/s", "% copy", "speedup", "vs ref", "note"]))
 
 
 if __name__ == "__main__":
