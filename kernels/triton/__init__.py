@@ -33,6 +33,7 @@ def _have_triton() -> bool:
 # attend takes SDPA over the sync-free dequantization instead of the decode kernel.
 KERNELS = {
     0: ("qjl_append", "qjl_append_", "qjl_attend", "qjl_attend"),
+    1: ("decoquant", "decoquant_append_", "decoquant", "decoquant_attend"),
     2: ("rotation", "rotation_append_", "rotation", "rotation_attend"),
 }
 
