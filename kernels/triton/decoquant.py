@@ -170,7 +170,8 @@ def _flush(
         rs = tl.sqrt(tl.where(keep, tl.sqrt(lam), 1.0))                # S^(1/2), guarded
         bm = tl.where(keep[:, None], rs[:, None] * tl.trans(vec), 0.0)  # S^(1/2) V^T
         blk = bh * (LC // BLOCK) + p0 // BLOCK
-        tl.store(BMAT + blk * 256 + jj[:, None] * 16 + jj[None, :], bm.to(tl.float32).to(SIDE))  # as the reference: fp32, then side
+        # rounded as the reference: fp32 first, then the side dtype
+        tl.store(BMAT + blk * 256 + jj[:, None] * 16 + jj[None, :], bm.to(tl.float32).to(SIDE))
 
         QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
         ti = tl.arange(0, TB)
@@ -418,7 +419,8 @@ def decoquant_append_(state, consts, k, v, meta):
                 x, x.stride(0), x.stride(1), x.stride(2), rx, rx.stride(0), rx.stride(1), rx.stride(2),
                 state[0], state[i], state[i + 1], state[i + 2], H, T, LC,
                 R=R, BLOCK=block, D=D, DC=DC, DCP=DCP, TB=max(1, 32 // DCP), BITS=bits,
-                SIDE=_SIDE[state[i + 1].dtype], MAXSWEEP=MAX_SWEEPS, REL=REL_EPS, num_warps=4)
+                SIDE=_SIDE[state[i + 1].dtype], MAXSWEEP=MAX_SWEEPS, REL=REL_EPS,
+                num_warps=8)                               # fp64 (32, 16, 16) Gram tiles: 4 warps would spill
     if k.stride() != v.stride():                                # _ring indexes both with k's strides
         k, v = k.contiguous(), v.contiguous()
     BS = 32
