@@ -420,7 +420,7 @@ def decoquant_append_(state, consts, k, v, meta):
                 state[0], state[i], state[i + 1], state[i + 2], H, T, LC,
                 R=R, BLOCK=block, D=D, DC=DC, DCP=DCP, TB=max(1, 32 // DCP), BITS=bits,
                 SIDE=_SIDE[state[i + 1].dtype], MAXSWEEP=MAX_SWEEPS, REL=REL_EPS,
-                num_warps=8)                               # fp64 (32, 16, 16) Gram tiles: 4 warps would spill
+                num_warps=8)                               # fp64 (32, 16, 16) Gram tiles: 32 doubles a thread
     if k.stride() != v.stride():                                # _ring indexes both with k's strides
         k, v = k.contiguous(), v.contiguous()
     BS = 32
