@@ -11,7 +11,8 @@ generates after prompts of 4k/32k/128k tokens at batch 1 and 8. Modes, all in on
   qjl-eager  eager QJLCache (update() returns dequantized K/V: correct, not fast)
   qjl        torch.compile(backend="qjl") + QJLCache, CUDA graphs on the decode step; prefill through
              the qjl passes (fused qjl::attend over the compressed past) with eager lowering
-  decoquant  as qjl with QJLConfig(method="decoquant"); CUDA graphs only where its CUDA path exists
+  decoquant  as qjl with QJLConfig(method="decoquant"); CUDA graphs where its Triton kernels exist
+  rotation   as qjl with the rotation + Lloyd-Max codec (preset rotation-k4v3)
 
 Per run: prefill seconds (chunked, ``--chunk`` tokens a forward), decode tokens/s (median step time
 from CUDA events, shared timer benchmarks/timer.py, after warm-up/compilation), peak GPU memory,
@@ -100,36 +101,35 @@ def mode_table(device: str, args) -> dict[str, Mode]:
         "decoquant": Mode("decoquant", "qjl backend + QJLCache(decoquant)", "decoquant", "qjl",
                           "qjl" if args.qjl_prefill == "compiled" else "eager"),
     }
+    modes["rotation"] = Mode("rotation", f"qjl backend + QJLCache({ROTATION_PRESET})", "rotation", "qjl",
+                             "qjl" if args.qjl_prefill == "compiled" else "eager")
     for m in modes.values():
         m.options = dict(lowering)
-    dq = modes["decoquant"]
-    if cuda and decoquant_has_cuda_kernel():
-        dq.cudagraphs = True
-        dq.label += ", CUDA graphs"
-    elif cuda:
-        dq.slow = True
-        dq.label += ", no CUDA graphs"
-        dq.note = "codec 1 has no CUDA kernel yet: qjl::attend/append run the PyTorch reference on the GPU"
+    for key, codec in (("decoquant", 1), ("rotation", 2)):
+        dq = modes[key]
+        if cuda and has_cuda_kernel(codec):
+            dq.cudagraphs = True
+            dq.label += ", CUDA graphs"
+        elif cuda:
+            dq.slow = True
+            dq.label += ", no CUDA graphs"
+            dq.note = f"codec {codec} has no CUDA kernel here: qjl::attend/append run the PyTorch path on the GPU"
     if not cuda:
         modes["inductor"].note = "needs CUDA (skipped in --quick)"
     return modes
 
 
-def decoquant_has_cuda_kernel() -> bool:
-    """True when the CUDA implementation of the qjl ops handles codec 1 (DecoQuant) itself."""
+def has_cuda_kernel(codec: int) -> bool:
+    """True when the CUDA implementation of the qjl ops has Triton kernels for `codec`."""
     try:
         from qjl_compile.kernels import triton as kt
-    except Exception:
+    except Exception:  # noqa: BLE001
         return False
-    flag = getattr(kt, "CUDA_CODECS", None)
-    if flag is not None:
-        return 1 in flag
-    import inspect
-    try:
-        src = inspect.getsource(kt._attend_cuda)
-    except Exception:
-        return False
-    return "int(meta[0]) != 0" not in src
+    return kt.has_kernels(codec)
+
+
+def decoquant_has_cuda_kernel() -> bool:
+    return has_cuda_kernel(1)
 
 
 def hqq_available() -> str | None:
@@ -186,11 +186,14 @@ def head_dim(cfg):
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
+ROTATION_PRESET = "rotation-k4v3"
+
+
 def qjl_config(model, method):
     from qjl_compile import QJLConfig
-    if method == "decoquant":
-        return QJLConfig.preset("decoquant4", head_dim=head_dim(model.config),
-                                num_layers=model.config.num_hidden_layers)
+    if method in ("decoquant", "rotation"):
+        return QJLConfig.preset("decoquant4" if method == "decoquant" else ROTATION_PRESET,
+                                head_dim=head_dim(model.config), num_layers=model.config.num_hidden_layers)
     return QJLConfig.for_model(model.config)
 
 
@@ -260,7 +263,7 @@ def _walk_tensors(obj, seen, depth=0):
 
 def cache_bytes(mode: Mode, cache) -> int:
     """Bytes of every tensor the cache holds (allocations, not formulas)."""
-    if mode.cache in ("qjl", "decoquant"):
+    if mode.cache in ("qjl", "decoquant", "rotation"):
         return int(cache.memory()["allocated_bytes"])
     seen: set = set()
     return sum(_walk_tensors(vars(layer), seen) for layer in cache.layers)
@@ -296,7 +299,7 @@ def fill_cache(mode: Mode, cache, model, B: int, T: int, random: bool, chunk: in
                     done += n
             layer.cumulative_length.fill_(T)
         return
-    if mode.cache in ("qjl", "decoquant"):
+    if mode.cache in ("qjl", "decoquant", "rotation"):
         for layer in cache.layers:
             if random:
                 done = 0
@@ -482,11 +485,11 @@ def run_one(model, mode: Mode, B: int, T: int, args, device, progress) -> dict:
         if per is not None:
             row["step_ms"] = per
         row["kv_bytes"] = cache_bytes(mode, cache)
-        held = cap if mode.cache in ("static", "qjl", "decoquant") else int(cache.get_seq_length())
+        held = cap if mode.cache in ("static", "qjl", "decoquant", "rotation") else int(cache.get_seq_length())
         row["kv_capacity_tokens"] = held
         row["kv_fp16_bytes_same_capacity"] = fp16_bytes(model, B, held)
         row["kv_ratio_vs_fp16"] = row["kv_fp16_bytes_same_capacity"] / max(row["kv_bytes"], 1)
-        if mode.cache in ("qjl", "decoquant"):
+        if mode.cache in ("qjl", "decoquant", "rotation"):
             mem = cache.memory()
             row["bits_per_value"] = mem["bits_per_value"]
             row["codec_bits"] = mem["codec_bits"]
@@ -814,14 +817,14 @@ def parse_args(argv=None):
     ap.add_argument("--prompts", type=int, nargs="+", default=None, help="prompt lengths (default 4096 32768 131072)")
     ap.add_argument("--new-tokens", type=int, default=None, help="tokens generated per run (default 128)")
     ap.add_argument("--modes", nargs="+", default=None,
-                    help="subset of: inductor qjl eager qjl-eager hqq decoquant (default: all that run here)")
+                    help="subset of: inductor qjl eager qjl-eager hqq decoquant rotation (default: all that run here)")
     ap.add_argument("--chunk", type=int, default=None, help="prefill chunk (tokens per forward; default 4096)")
     ap.add_argument("--qjl-prefill", choices=("compiled", "eager"), default="compiled",
                     help="qjl/decoquant prefill: through the qjl passes (fused attend) or the eager cache")
     ap.add_argument("--qjl-budget-prefill", choices=("compiled", "eager"), default="compiled",
                     help="prefill path of the qjl/decoquant context-search probes")
     ap.add_argument("--decoquant-max-tokens", type=int, default=32768,
-                    help="run decoquant only where batch*prompt <= this (its GPU path is the reference)")
+                    help="without their CUDA kernels, run decoquant/rotation only where batch*prompt <= this")
     ap.add_argument("--fill", choices=("auto", "prefill", "synthetic"), default="auto",
                     help="auto: real prefill unless batch*prompt > --prefill-token-limit, then random K/V are "
                          "written into the cache (prefill time not reported)")
@@ -970,7 +973,7 @@ def main(argv=None) -> dict:
     model, desc = build_model(args, device, dtype)
     modes = mode_table(device, args)
     wanted = args.modes or (["eager", "qjl-eager", "qjl", "hqq"] if args.quick else
-                            ["eager", "qjl-eager", "hqq", "inductor", "qjl", "decoquant"])
+                            ["eager", "qjl-eager", "hqq", "inductor", "qjl", "decoquant", "rotation"])
     unknown = [m for m in wanted if m not in modes]
     if unknown:
         raise SystemExit(f"unknown mode(s) {unknown}: choose from {sorted(modes)}")
@@ -1006,8 +1009,10 @@ def main(argv=None) -> dict:
                 for m in run_modes:
                     skip = ("--time-limit reached" if time.time() > deadline else
                             f"device unusable after a CUDA error ({CUDA_BROKEN[0]})" if CUDA_BROKEN else
-                            f"decoquant: batch*prompt > --decoquant-max-tokens {args.decoquant_max_tokens}"
-                            if m.key == "decoquant" and device == "cuda" and B * T > args.decoquant_max_tokens
+                            f"{m.key}: no CUDA kernel and batch*prompt > --decoquant-max-tokens "
+                            f"{args.decoquant_max_tokens}"
+                            if m.key in ("decoquant", "rotation") and m.slow and device == "cuda"
+                            and B * T > args.decoquant_max_tokens
                             else None)
                     if skip:
                         res["runs"].append(dict(mode=m.key, label=m.label, batch=B, prompt=T, status="skipped",
@@ -1031,7 +1036,7 @@ def main(argv=None) -> dict:
             if key in skipped or time.time() > deadline or CUDA_BROKEN:
                 continue
             label = m.label
-            if m.cache in ("qjl", "decoquant") and m.decode == "qjl":
+            if m.cache in ("qjl", "decoquant", "rotation") and m.decode == "qjl":
                 want = "qjl" if args.qjl_budget_prefill == "compiled" else "eager"
                 if want != m.prefill:
                     m = Mode(**{**m.__dict__, "prefill": want})
