@@ -40,7 +40,7 @@ import triton.language as tl
 
 from .. import decoquant as dq  # noqa: F401  (registers codec 1 in reference.CODECS)
 from .qjl_append import _SIDE, _ring, _round_half_even
-from .qjl_attend import LOG2E, _TL, _combine, _interpret, _mask_scores, _mask_scores_t, _p2, _softmax_step, \
+from .qjl_attend import LOG2E, mask_args, _TL, _combine, _interpret, _mask_scores, _mask_scores_t, _p2, _softmax_step, \
     check_device
 
 REL_EPS = 1e-13     # kernels/decoquant.factor: directions below this share of the top eigenvalue drop
@@ -485,22 +485,7 @@ def decoquant_attend(q, state, consts, k_new, v_new, attn_mask=None, is_causal=F
         k_new, v_new = k_new.contiguous(), v_new.contiguous()
     rk, rv = state[1], state[2]
 
-    if attn_mask is None:
-        mask_kind, mt, ms = 0, q, (0, 0, 0, 0)
-    else:
-        if attn_mask.device != q.device:
-            raise ValueError(f"decoquant_attend: attn_mask on {attn_mask.device}, q on {q.device}")
-        am = attn_mask
-        while am.dim() < 4:
-            am = am.unsqueeze(0)
-        am = am.expand(B, Hq, Tq, am.shape[-1])
-        if am.dtype == torch.bool:
-            mask_kind, mt = 1, am.view(torch.uint8) if am.is_contiguous() else am.to(torch.uint8)
-        else:
-            mask_kind, mt = 2, am
-        ms = tuple(mt.stride())
-        if am.shape[-1] == 1:
-            ms = ms[:3] + (0,)
+    mask_kind, mt, ms = mask_args(attn_mask, q)
 
     dot_dt = q.dtype
     if _interpret() and dot_dt == torch.bfloat16:

@@ -29,7 +29,11 @@ def _mask_scores(s, pos, limit, rows_ok, b, qh, t, qpos, MASK, smb, smh, smt, sm
     """Scores (BM, BN) in log2 units -> -inf where a row must not see a position."""
     ok = rows_ok[:, None] & (pos[None, :] < limit)
     mp = MASK + b * smb + qh[:, None] * smh + t[:, None] * smt + pos[None, :] * sml
-    if MASK_KIND == 1:  # bool, True = attend
+    if MASK_KIND == 3:  # bool, one value per position
+        ok = ok & (tl.load(MASK + b * smb + pos * sml, mask=pos < limit, other=0) != 0)[None, :]
+    elif MASK_KIND == 4:
+        s = s + tl.load(MASK + b * smb + pos * sml, mask=pos < limit, other=0.0).to(tl.float32)[None, :] * 1.4426950408889634
+    elif MASK_KIND == 1:  # bool, True = attend
         ok = ok & (tl.load(mp, mask=ok, other=0) != 0)
     elif MASK_KIND == 2:  # additive float
         s = s + tl.load(mp, mask=ok, other=0.0).to(tl.float32) * 1.4426950408889634
@@ -55,7 +59,11 @@ def _mask_scores_t(s, pos, limit, rows_ok, b, qh, t, qpos, MASK, smb, smh, smt, 
     """_mask_scores on transposed scores (BT tokens, BM rows)."""
     ok = rows_ok[None, :] & (pos[:, None] < limit)
     mp = MASK + b * smb + qh[None, :] * smh + t[None, :] * smt + pos[:, None] * sml
-    if MASK_KIND == 1:
+    if MASK_KIND == 3:
+        ok = ok & (tl.load(MASK + b * smb + pos * sml, mask=pos < limit, other=0) != 0)[:, None]
+    elif MASK_KIND == 4:
+        s = s + tl.load(MASK + b * smb + pos * sml, mask=pos < limit, other=0.0).to(tl.float32)[:, None] * 1.4426950408889634
+    elif MASK_KIND == 1:
         ok = ok & (tl.load(mp, mask=ok, other=0) != 0)
     elif MASK_KIND == 2:
         s = s + tl.load(mp, mask=ok, other=0.0).to(tl.float32) * 1.4426950408889634
@@ -331,6 +339,32 @@ def sketch_t(S: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return hit[1]
 
 
+def mask_args(attn_mask, q):
+    """(kind, tensor, strides) of an attention mask for the attend kernels, without copying it.
+
+    kind: 0 none, 1 bool (True = attend), 2 additive float, 3 / 4 the same with one value per
+    position shared by every query row (decode with HF's (B, 1, 1, L) mask): loaded once per tile
+    of positions instead of once per (row, position). Broadcast dims get stride 0; a bool mask is
+    reinterpreted as uint8 (a view), never materialized at (B, Hq, Tq, L).
+    """
+    B, Hq, Tq = q.shape[0], q.shape[1], q.shape[2]
+    if attn_mask is None:
+        return 0, q, (0, 0, 0, 0)
+    if attn_mask.device != q.device:
+        raise ValueError(f"attend: attn_mask on {attn_mask.device}, q on {q.device}")
+    am = attn_mask.view(torch.uint8) if attn_mask.dtype == torch.bool else attn_mask
+    while am.dim() < 4:
+        am = am.unsqueeze(0)
+    am = am.expand(B, Hq, Tq, am.shape[-1])
+    ms = tuple(am.stride())
+    if am.shape[-1] == 1:
+        ms = ms[:3] + (0,)
+    kind = 1 if attn_mask.dtype == torch.bool else 2
+    if ms[1] == 0 and (Tq == 1 or ms[2] == 0):
+        kind += 2
+    return kind, am, ms
+
+
 def prepare(consts, dtype: torch.dtype) -> None:
     """Fill the sketch_t cache for QJL `consts` (see kernels.triton.prepare)."""
     for S in consts:
@@ -454,22 +488,7 @@ def qjl_attend(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, 
     if rk.stride(-1) != 1 or rk.stride() != rv.stride():
         raise ValueError("qjl_attend: ring buffers must be contiguous in D and share strides")
 
-    if attn_mask is None:
-        mask_kind, mt, ms = 0, q, (0, 0, 0, 0)
-    else:
-        if attn_mask.device != q.device:
-            raise ValueError(f"qjl_attend: attn_mask on {attn_mask.device}, q on {q.device}")
-        am = attn_mask
-        while am.dim() < 4:
-            am = am.unsqueeze(0)
-        am = am.expand(B, Hq, Tq, am.shape[-1])
-        if am.dtype == torch.bool:
-            mask_kind, mt = 1, am.view(torch.uint8) if am.is_contiguous() else am.to(torch.uint8)
-        else:
-            mask_kind, mt = 2, am
-        ms = tuple(mt.stride())
-        if am.shape[-1] == 1:
-            ms = ms[:3] + (0,)
+    mask_kind, mt, ms = mask_args(attn_mask, q)
 
     dot_dt = q.dtype
     if _interpret() and dot_dt == torch.bfloat16:

@@ -41,7 +41,7 @@ import triton.language as tl
 from .. import reference as ref
 from .. import rotation as rot
 from .qjl_append import _SIDE, _ring, _sketch_signs
-from .qjl_attend import (LOG2E, _ONE, _TL, _combine, _interpret, _mask_scores, _p2, _signs_t,
+from .qjl_attend import (LOG2E, mask_args, _ONE, _TL, _combine, _interpret, _mask_scores, _p2, _signs_t,
                          _softmax_step, check_device, sketch_t)
 
 
@@ -589,22 +589,7 @@ def rotation_attend(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
     if rk.stride(-1) != 1 or rk.stride() != rv.stride():
         raise ValueError("rotation_attend: ring buffers must be contiguous in D and share strides")
 
-    if attn_mask is None:
-        mask_kind, mt, ms = 0, q, (0, 0, 0, 0)
-    else:
-        if attn_mask.device != q.device:
-            raise ValueError(f"rotation_attend: attn_mask on {attn_mask.device}, q on {q.device}")
-        am = attn_mask
-        while am.dim() < 4:
-            am = am.unsqueeze(0)
-        am = am.expand(B, Hq, Tq, am.shape[-1])
-        if am.dtype == torch.bool:
-            mask_kind, mt = 1, am.view(torch.uint8) if am.is_contiguous() else am.to(torch.uint8)
-        else:
-            mask_kind, mt = 2, am
-        ms = tuple(mt.stride())
-        if am.shape[-1] == 1:
-            ms = ms[:3] + (0,)
+    mask_kind, mt, ms = mask_args(attn_mask, q)
 
     dot_dt = _dot_dtype(q.dtype)
     c = _derived(consts, dot_dt)

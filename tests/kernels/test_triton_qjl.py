@@ -87,7 +87,8 @@ def masks(kind, B, Hq, Tq, L, n, dev, gen):
     bm = (causal[None, None] & keep)
     if kind == "bool":
         return bm
-    bias = torch.randn(B, Hq, 1, L, generator=gen).to(dev) * 0.5
+    # "float1d": one bias per position (HF's decode mask shape), the kernels' per-position path
+    bias = torch.randn(B, 1 if kind == "float1d" else Hq, 1, L, generator=gen).to(dev) * 0.5
     return torch.where(bm, bias, float("-inf")).float()
 
 
@@ -108,7 +109,7 @@ def run_case(B, H, G, D, L, R, m, mo, o, vb, dtype, steps, mask_kind, causal, se
         check_state(st_t, st_r, consts, meta, torch.cat(keys, 2))
         q = (torch.randn(B, H * G, T, D, generator=gen) * 2).to(DEV, dtype)
         am = masks(mask_kind, B, H * G, T, L, n, DEV, gen)
-        scale = 0.1 if mask_kind == "float" else None
+        scale = 0.1 if mask_kind in ("float", "float1d") else None
         want = ref.attend(q, st_r, consts, k, v, am, causal, scale, meta)
         got = qjl_attend(q, st_r, consts, k, v, am, causal, scale, meta, **kw)  # same state: kernel only
         assert got.dtype == q.dtype and got.shape == q.shape
@@ -128,6 +129,7 @@ SMALL = [
     (2, 1, 4, 64, 140, 64, 64, 32, 4, 4, torch.bfloat16, [5, 59, 1, 3], "bool", False),
     (1, 2, 1, 32, 130, 32, 48, 16, 2, 8, torch.float32, [40, 1, 23], "float", False),
     (1, 1, 2, 48, 100, 32, 32, 0, 0, 2, torch.float16, [33, 1, 30], None, False),
+    (1, 2, 2, 32, 100, 32, 32, 16, 4, 2, torch.float32, [33, 1, 1], "float1d", False),
 ]
 
 
