@@ -371,7 +371,7 @@ def parse(argv=None):
     ap.add_argument("--plot", default=None, help="PNG path (default beside the JSON)")
     ap.add_argument("--results-md", default=None, help="write the table into this RESULTS.md '## Accuracy' section")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failing methods")
-    ap.add_argument("--from-json", default=None, help="do not run: re-render table/plot/RESULTS.md from this JSON")
+    ap.add_argument("--from-json", default=None, help="do not run: re-render table/plot/RESULTS.md from this JSON (several, comma-separated: merged into --out)")
     a = ap.parse_args(argv)
     mode = "smoke" if a.smoke else "quick" if a.quick else "full"
     defaults = {"full": dict(windows="2048,4096,8192", n_windows=2, needle_tokens=3500, needle_depths="0.1,0.5,0.9",
@@ -395,12 +395,51 @@ def parse(argv=None):
     return a
 
 
+def merge(results: list[dict]) -> dict:
+    """One result from runs over different windows (e.g. 2k/4k in one process, 8k in another).
+
+    The runs must share model, dtype, device, text and chunk. Rows are joined per method; the
+    needle score comes from the run that measured it.
+    """
+    if len(results) == 1:
+        return results[0]
+    keys = ("model", "dtype", "device", "text", "chunk")
+    for r in results[1:]:
+        diff = [k for k in keys if r.get(k) != results[0].get(k)]
+        if diff:
+            raise SystemExit(f"cannot merge accuracy runs that differ in {diff}")
+    out = dict(results[0])
+    out["windows"] = sorted({w for r in results for w in r["windows"]})
+    for k in ("prefill", "scored_tokens"):
+        out[k] = {w: v for r in results for w, v in r[k].items()}
+    out["n_windows"] = max(r["n_windows"] for r in results)
+    out["needle"] = next((r["needle"] for r in results if r["needle"].get("context_tokens")), out["needle"])
+    out["seconds"] = sum(r["seconds"] for r in results)
+    out["command"] = " && ".join(r["command"] for r in results)
+    out["merged_from"] = len(results)
+    rows: dict[str, dict] = {}
+    for r in results:
+        for row in r["rows"]:
+            have = rows.setdefault(row["method"], {**row, "ppl": {}, "alloc_bits": {}})
+            have["ppl"].update(row["ppl"])
+            have["alloc_bits"].update(row["alloc_bits"])
+            have["needle"] = have.get("needle") or row.get("needle")
+            have["error"] = have.get("error") or row.get("error")
+    out["rows"] = list(rows.values())
+    return out
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     torch.manual_seed(0)
     if args.from_json:
-        result = json.loads(Path(args.from_json).read_text())
-        args.out = args.from_json
+        paths = [x for x in args.from_json.split(",") if x]
+        result = merge([json.loads(Path(x).read_text()) for x in paths])
+        if len(paths) > 1:   # merged runs are written to --out (default benchmarks/results/accuracy.json)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=1))
+        else:
+            args.out = paths[0]
     else:
         result = run(args)
         result.pop("_first_fp16", None)

@@ -400,33 +400,61 @@ def dequantize(state, consts, k_new, v_new, meta):
     return K, V
 
 
-def dequantize_nosync(state, consts, k_new, v_new, meta):
+# positions decompressed at a time by the sync-free path: bounds its fp32 temporaries
+DEQ_BLOCK = 8192
+
+
+def _rows_range(bufs, specs, p0, p1):
+    """Codec buffers restricted to positions [p0, p1) (multiples of every spec's `per`); a
+    head-only buffer (e.g. attention sinks) goes with the block that starts at 0."""
+    out = []
+    for b, s in zip(bufs, specs):
+        if s.head:
+            out.append(b[:, :, : (min(p1, s.head) // s.per if p0 == 0 else 0)])
+        else:
+            out.append(b[:, :, p0 // s.per: p1 // s.per])
+    return out
+
+
+def dequantize_nosync(state, consts, k_new, v_new, meta, block=None):
     """`dequantize` without reading the length on the host (same result).
 
-    Decompresses every stored row and selects by position on the device, so it can run inside a
-    CUDA graph or an Inductor graph on an accelerator: O(L) per call, correct, not fast (the
-    compiled path replaces it by ``attend``).
+    Decompresses every stored row, in blocks of `block` positions (default DEQ_BLOCK) so the
+    codec's fp32 temporaries stay O(block), then writes the exact window (ring + new tokens, a
+    static R + T positions at a device-side offset) over it. It can run inside a CUDA graph or an
+    Inductor graph on an accelerator: O(L) per call, correct, not fast (the compiled decode path
+    replaces it by ``attend``). Positions past the length are 0.
     """
     codec, R, L, params = codec_of(meta), int(meta[1]), int(meta[2]), list(meta[3:])
     n, rk, rv = state[0], state[1], state[2]
     B, H, _, D = rk.shape
     T = k_new.shape[2]
+    dev = rk.device
     lc = L // R * R
     cl = torch.minimum(n // R * R, n - T)
-    pos = torch.arange(L, device=rk.device)
+    specs = codec.specs(D, consts, params) if lc else []
+    step = max(R, (block or DEQ_BLOCK) // R * R)
+    if any(s.head > step for s in specs):
+        step = -(-max(s.head for s in specs) // R) * R
+    K = torch.zeros(B, H, L, D, dtype=rk.dtype, device=dev)
+    V = torch.zeros_like(K)
+    for p0 in range(0, lc, step):
+        p1 = min(p0 + step, lc)
+        dk, dv = codec.decompress(_rows_range(state[3:], specs, p0, p1), consts, params)[:2]
+        keep = (torch.arange(p0, p1, device=dev) < cl)[:, None]             # stale rows past cl -> 0
+        K[:, :, p0:p1] = torch.where(keep, dk.to(rk.dtype), 0)
+        V[:, :, p0:p1] = torch.where(keep, dv.to(rk.dtype), 0)
+    W = min(R + T, L)                                                        # n - cl <= R + T - 1
+    ws = torch.clamp(cl, min=0, max=L - W)
+    pos = ws + torch.arange(W, device=dev)                                   # (W,) window positions
     new_i = (pos - (n - T)).clamp(0, T - 1)
-    out = []
-    for ring, new, which in ((rk, k_new, 0), (rv, v_new, 1)):
-        x = torch.index_select(ring, 2, pos % R)                           # ring slot of each position
+    for X, ring, new in ((K, rk, k_new), (V, rv, v_new)):
+        x = torch.index_select(ring, 2, pos % R)
         x = torch.where((pos >= n - T)[:, None], torch.index_select(new.to(ring.dtype), 2, new_i), x)
-        x = torch.where((pos < n)[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
-        if lc:
-            specs = codec.specs(D, consts, params)
-            dec = codec.decompress(_rows(state[3:], specs, lc), consts, params)[which].to(ring.dtype)
-            dec = torch.cat([dec, dec.new_zeros(B, H, L - lc, D)], dim=2)
-            x = torch.where((pos < cl)[:, None], dec, x)
-        out.append(x)
-    return out[0], out[1]
+        x = torch.where((pos < n)[:, None], x, torch.zeros((), dtype=x.dtype, device=dev))
+        x = torch.where((pos < cl)[:, None], torch.index_select(X, 2, pos), x)
+        X.index_copy_(2, pos, x)
+    return K, V
 
 
 def attend_nosync(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, meta):
@@ -434,10 +462,13 @@ def attend_nosync(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, m
 
     Same result as `attend` (by the dequantized-key identity); capturable in a CUDA graph. The
     accelerator path for long query chunks (chunked prefill) and for codecs with no fused kernel.
+    One SDPA per query head of a GQA group against the (B, H, L, D) K/V, so K/V are never
+    repeated G times.
     """
     B, Hq, Tq, D = q.shape
     K, V = dequantize_nosync(state, consts, k_new, v_new, meta)
-    G, L = Hq // K.shape[1], K.shape[2]
+    H, L = K.shape[1], K.shape[2]
+    G = Hq // H
     n = state[0]
     pos = torch.arange(L, device=q.device)
     valid = pos < n                                                      # (L,)
@@ -447,9 +478,14 @@ def attend_nosync(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, m
         m = valid & (pos[None, :] <= (n - Tq + torch.arange(Tq, device=q.device))[:, None])
     else:
         m = valid.expand(Tq, L)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q, K.repeat_interleave(G, 1).to(q.dtype), V.repeat_interleave(G, 1).to(q.dtype), attn_mask=m, scale=scale)
-    return out.nan_to_num(0.0)                                           # fully masked rows -> 0, as `attend`
+    per_head = m.dim() == 4 and m.shape[1] == Hq and Hq > 1
+    if per_head:
+        m = m.unflatten(1, (H, G))                                       # (B, H, G, Tq, L)
+    qg = q.unflatten(1, (H, G))                                          # (B, H, G, Tq, D)
+    Kq, Vq = K.to(q.dtype), V.to(q.dtype)
+    out = torch.stack([torch.nn.functional.scaled_dot_product_attention(
+        qg[:, :, g], Kq, Vq, attn_mask=m[:, :, g] if per_head else m, scale=scale) for g in range(G)], dim=2)
+    return out.flatten(1, 2).nan_to_num(0.0)                             # fully masked rows -> 0, as `attend`
 
 
 def attend(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, meta):

@@ -138,15 +138,18 @@ def test_opcheck_all_ops():
         torch.library.opcheck(torch.ops.qjl.attend.default, (q, st, consts, k1, v1, *args, None, meta))
 
 
-@pytest.mark.parametrize("codec_name", ["qjl", "decoquant", "rotation"])
+@pytest.mark.parametrize("codec_name", ["qjl", "decoquant", "rotation", "rotation-sink"])
 @pytest.mark.parametrize("steps", [[5, 1], [64, 1, 1], [130, 60, 3]])
-def test_dequantize_nosync_equals_dequantize(codec_name, steps):
+@pytest.mark.parametrize("block", [None, 64])
+def test_dequantize_nosync_equals_dequantize(codec_name, steps, block):
     """The accelerator path (no host read of the length) gives the reference's result."""
     from qjl_compile import QJLConfig
     from qjl_compile.cache import _codec_setup
 
-    cfg = QJLConfig.preset({"qjl": "reference", "decoquant": "decoquant4", "rotation": "rotation-k4v3"}[codec_name],
-                           head_dim=64, num_layers=2, residual=64)
+    extra = {"sink_tokens": 8} if codec_name == "rotation-sink" else {}
+    cfg = QJLConfig.preset({"qjl": "reference", "decoquant": "decoquant4", "rotation": "rotation-k4v3",
+                            "rotation-sink": "rotation-k4v3"}[codec_name],
+                           head_dim=64, num_layers=2, residual=64, **extra)
     codec, consts, params = _codec_setup(cfg, 0, 64)
     B, H, D, L = 2, 2, 64, 260
     st = ref.make_state(codec, B, H, L, D, 64, consts, params, torch.float32, torch.float16, "cpu")
@@ -155,13 +158,13 @@ def test_dequantize_nosync_equals_dequantize(codec_name, steps):
         k, v = torch.randn(B, H, T, D), torch.randn(B, H, T, D)
         torch.ops.qjl.append(st, consts, k, v, meta)
         a = ref.dequantize(st, consts, k, v, meta)
-        b = ref.dequantize_nosync(st, consts, k, v, meta)
+        b = ref.dequantize_nosync(st, consts, k, v, meta, block=block)   # 64: one block per window
         torch.testing.assert_close(b[0], a[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(b[1], a[1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("codec_name", ["qjl", "decoquant", "rotation"])
-@pytest.mark.parametrize("Tq,G,masked", [(1, 4, False), (70, 2, True), (33, 1, False)])
+@pytest.mark.parametrize("Tq,G,masked", [(1, 4, False), (70, 2, True), (33, 1, False), (5, 3, "per-head")])
 def test_attend_nosync_equals_attend(codec_name, Tq, G, masked):
     """The accelerator fallback (long chunks, codecs without a kernel) gives the reference's result."""
     from qjl_compile import QJLConfig
@@ -178,6 +181,8 @@ def test_attend_nosync_equals_attend(codec_name, Tq, G, masked):
         torch.ops.qjl.append(st, consts, k, v, meta)
     q = torch.randn(B, H * G, Tq, D)
     mask = hf_mask(B, Tq, L, int(st[0]), pad=[0, 5]) if masked else None
+    if masked == "per-head":   # an additive mask that differs per query head
+        mask = torch.where(mask, torch.randn(B, H * G, Tq, L), float("-inf"))
     a = ref.attend(q, st, consts, k, v, mask, not masked, 0.2, meta)
     b = ref.attend_nosync(q, st, consts, k, v, mask, not masked, 0.2, meta)
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
