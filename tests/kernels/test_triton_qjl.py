@@ -4,6 +4,7 @@ CPU (CI): the launchers run under the Triton interpreter (TRITON_INTERPRET=1, se
 GPU is present) on small shapes. GPU (`-m gpu` runs them; skipped without CUDA): the full grid,
 dispatch through torch.ops.qjl, and CUDA-graph capture/replay of a decode step.
 """
+import zlib
 import itertools
 import os
 
@@ -201,7 +202,7 @@ FULL_STEPS = [[1, 126, 1, 1, 31, 33, 1], [128, 1, 3, 124, 1], [200, 57, 1, 31, 3
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_full_grid(D, m, mo, G, B, dtype):
-    i = hash((D, G, B, str(dtype))) % 4
+    i = zlib.crc32(repr((D, G, B, str(dtype))).encode()) % 4   # stable across runs (str hash is salted)
     for steps, mk, causal in [(FULL_STEPS[i], None, True), (FULL_STEPS[(i + 1) % 4], "bool", False),
                               (FULL_STEPS[(i + 2) % 4], "float", False)]:
         run_case(B, 2, G, D, 800, 128, m, mo, 8, 2, dtype, steps, mk, causal, seed=i)

@@ -5,6 +5,7 @@ GPU is present) on small shapes. GPU (`-m gpu` runs them; skipped without CUDA):
 long decodes across many flushes and splits, dispatch through torch.ops.qjl, and CUDA-graph
 capture/replay of a decode step.
 """
+import zlib
 import os
 
 import pytest
@@ -299,7 +300,7 @@ PRESETS = {  # the config presets' codec params (cache: block = R), plus every o
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_full_grid(D, G, B, dtype):
-    i = hash((D, G, B, str(dtype))) % 4
+    i = zlib.crc32(repr((D, G, B, str(dtype))).encode()) % 4   # stable across runs (str hash is salted)
     names = list(PRESETS)
     for j, (steps, mk, causal) in enumerate([(FULL_STEPS[i], None, True), (FULL_STEPS[(i + 1) % 4], "bool", False),
                                              (FULL_STEPS[(i + 2) % 4], "float", False)]):
