@@ -4,9 +4,9 @@ CPU (CI): the launchers run under the Triton interpreter (TRITON_INTERPRET=1, se
 GPU is present) on small shapes. GPU (`-m gpu` runs them; skipped without CUDA): the full grid,
 dispatch through torch.ops.qjl, and CUDA-graph capture/replay of a decode step.
 """
-import zlib
 import itertools
 import os
+import zlib
 
 import pytest
 import torch

@@ -5,8 +5,8 @@ GPU is present) on small shapes. GPU (`-m gpu` runs them; skipped without CUDA):
 long decodes across many flushes and splits, dispatch through torch.ops.qjl, and CUDA-graph
 capture/replay of a decode step.
 """
-import zlib
 import os
+import zlib
 
 import pytest
 import torch
