@@ -524,6 +524,13 @@ def _config(B, H, n_mb, L, cuda):
     nsplit = max(1, min(triton.cdiv(target, B * H * n_mb), triton.cdiv(L, 512)))
     if not cuda:
         return dict(bt=32, num_warps=4, nsplit=nsplit)
+    # H100, benchmarks/kernels.py variant rows (rotation-k4v3 / rotation4, bf16, d=128):
+    # B=1 L=4k: bt=128 w8 39/36 us vs bt=64 w4 49/43; B=1 L=128k (66 splits): bt=32 w4 321/282 vs
+    # 374/303; B=16 L=16k (5 splits): bt=64 w4 544/466, every other tile slower
+    if B * H * L <= 65536:
+        return dict(bt=128, num_warps=8, nsplit=nsplit)
+    if nsplit >= 16:
+        return dict(bt=32, num_warps=4, nsplit=nsplit)
     return dict(bt=64, num_warps=4, nsplit=nsplit)
 
 
@@ -603,31 +610,40 @@ def rotation_attend(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
     if bt not in (16, 32, 64, 128):
         raise ValueError(f"rotation_attend: bt={bt} must be 16, 32, 64 or 128")
     num_warps = num_warps or cfg["num_warps"]
-    ns = nsplit or cfg["nsplit"]
-    chunk = triton.cdiv(triton.cdiv(L, ns), bt) * bt
-    ns = triton.cdiv(L, chunk)
+    ns0 = nsplit or cfg["nsplit"]
     DP = _p2(D)
     m = dims["m"]
     MP = _p2(max(m, 16))
     out = torch.empty_like(q)
-    opart = torch.empty(B * H, ns, Mr, DP, device=q.device, dtype=torch.float32)
-    lse = torch.empty(B * H, ns, Mr, device=q.device, dtype=torch.float32)
-    sqs = (torch.empty(B * H * n_mb * ns, MP, BM, device=q.device, dtype=dot_dt) if dims["ub"] else opart)
     sc = float(scale) if scale is not None else 1.0 / math.sqrt(D)
-    _attend_split[(B * H, n_mb, ns)](
-        q, q.stride(0), q.stride(1), q.stride(2),
-        state[0],
-        rk, rv, rk.stride(0), rk.stride(1), rk.stride(2),
-        k_new, v_new, k_new.stride(0), k_new.stride(1), k_new.stride(2),
-        *_ptrs(bufs),
-        c["pi"], c["cbk"], c["cbv"], c.get("st", c["pi"]),
-        mt, *ms,
-        opart, lse, sqs,
-        H, Tq, T, LC, chunk, ns, sc * LOG2E, ref.qjl_const(m, D) if m else 0.0,
-        G=G, R=R, D=D, DP=DP, KB=dims["kb"], VB=dims["vb"], UB=dims["ub"], M=max(m, 16), MP=MP,
-        MC=min(64, MP), CK=dims["ck"], CV=dims["cv"], BLK=dims["block"], NS=dims["ns"],
-        BM=BM, BT=bt, BN=32, MASK_KIND=mask_kind, CAUSAL=bool(is_causal), DT=_TL[dot_dt],
-        ONE=_ONE.get(dot_dt, 0), num_warps=num_warps, num_stages=2)
+    # a tile that needs more shared memory than the GPU has (large BM with bt=128) is retried
+    # with half the tokens per iteration
+    while True:
+        chunk = triton.cdiv(triton.cdiv(L, ns0), bt) * bt
+        ns = triton.cdiv(L, chunk)
+        opart = torch.empty(B * H, ns, Mr, DP, device=q.device, dtype=torch.float32)
+        lse = torch.empty(B * H, ns, Mr, device=q.device, dtype=torch.float32)
+        sqs = (torch.empty(B * H * n_mb * ns, MP, BM, device=q.device, dtype=dot_dt) if dims["ub"] else opart)
+        try:
+            _attend_split[(B * H, n_mb, ns)](
+                q, q.stride(0), q.stride(1), q.stride(2),
+                state[0],
+                rk, rv, rk.stride(0), rk.stride(1), rk.stride(2),
+                k_new, v_new, k_new.stride(0), k_new.stride(1), k_new.stride(2),
+                *_ptrs(bufs),
+                c["pi"], c["cbk"], c["cbv"], c.get("st", c["pi"]),
+                mt, *ms,
+                opart, lse, sqs,
+                H, Tq, T, LC, chunk, ns, sc * LOG2E, ref.qjl_const(m, D) if m else 0.0,
+                G=G, R=R, D=D, DP=DP, KB=dims["kb"], VB=dims["vb"], UB=dims["ub"], M=max(m, 16), MP=MP,
+                MC=min(64, MP), CK=dims["ck"], CV=dims["cv"], BLK=dims["block"], NS=dims["ns"],
+                BM=BM, BT=bt, BN=32, MASK_KIND=mask_kind, CAUSAL=bool(is_causal), DT=_TL[dot_dt],
+                ONE=_ONE.get(dot_dt, 0), num_warps=num_warps, num_stages=2)
+            break
+        except triton.runtime.errors.OutOfResources:
+            if bt <= 16:
+                raise
+            bt //= 2
     _combine[(B * H, n_mb)](opart, lse, out, out.stride(0), out.stride(1), out.stride(2), H, Tq, ns,
                             G=G, D=D, DP=DP, BM=BM, num_warps=4)
     return out
