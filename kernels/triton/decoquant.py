@@ -40,8 +40,8 @@ import triton.language as tl
 
 from .. import decoquant as dq  # noqa: F401  (registers codec 1 in reference.CODECS)
 from .qjl_append import _SIDE, _ring, _round_half_even
-from .qjl_attend import LOG2E, mask_args, _TL, _combine, _interpret, _mask_scores, _mask_scores_t, _p2, _softmax_step, \
-    check_device
+from .qjl_attend import (LOG2E, _TL, _attend_exact, _combine, _interpret, _mask_scores_t, _p2, _store_partial,
+                         check_device, mask_args)
 
 REL_EPS = 1e-13     # kernels/decoquant.factor: directions below this share of the top eigenvalue drop
 MAX_SWEEPS = 16     # Jacobi sweeps cap; fp64 16 x 16 converges in ~6-8 (quadratic convergence)
@@ -299,33 +299,11 @@ def _attend_split(
 
     lo_e = tl.maximum(lo, cl)
     if lo_e < hi:
-        n_old = n - T
-        ring = RK + b * srb + h * srh
-        ringv = RV + b * srb + h * srh
-        new = KNEW + b * snb + h * snh
-        newv = VNEW + b * snb + h * snh
-        for p0 in range(lo_e, hi, BN):
-            pos = p0 + tl.arange(0, BN)
-            ok = pos < hi
-            in_ring = pos < n_old
-            m_r = (ok & in_ring)[:, None] & d_ok[None, :]
-            m_n = (ok & (pos >= n_old))[:, None] & d_ok[None, :]
-            off_r = (pos - c1)[:, None] * srt + dd[None, :]
-            off_n = (pos - n_old)[:, None] * snt + dd[None, :]
-            k = tl.where(m_r, tl.load(ring + off_r, mask=m_r, other=0.0), tl.load(new + off_n, mask=m_n, other=0.0))
-            s = tl.dot(q, tl.trans(k.to(DT)))
-            s = _mask_scores(s * qk_scale, pos, hi, rows_ok, b, qh, t, qpos,
-                             MASK, smb, smh, smt, sml, MASK_KIND, CAUSAL)
-            p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc)
-            v = tl.where(m_r, tl.load(ringv + off_r, mask=m_r, other=0.0), tl.load(newv + off_n, mask=m_n, other=0.0))
-            acc = tl.dot(p.to(DT), v.to(DT), acc=acc)
+        m_i, l_i, acc = _attend_exact(q, m_i, l_i, acc, lo_e, hi, n, T, c1, b, h, qh, t, qpos, rows_ok, dd, d_ok,
+                                      RK, RV, srb, srh, srt, KNEW, VNEW, snb, snh, snt,
+                                      MASK, smb, smh, smt, sml, qk_scale, BN, MASK_KIND, CAUSAL, DT)
 
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    o = acc / l_safe[:, None]
-    lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
-    base = bh * NSPLIT + sp
-    tl.store(OPART + (base * M + r[:, None]) * DP + dd[None, :], o, mask=rows_ok[:, None])
-    tl.store(LSE + base * M + r, lse, mask=rows_ok)
+    _store_partial(OPART, LSE, m_i, l_i, acc, bh * NSPLIT + sp, M, r, rows_ok, dd, DP)
 
 
 # ----------------------------------------------------------------------------------------------

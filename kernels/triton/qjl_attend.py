@@ -73,6 +73,46 @@ def _mask_scores_t(s, pos, limit, rows_ok, b, qh, t, qpos, MASK, smb, smh, smt, 
 
 
 @triton.jit
+def _attend_exact(q, m_i, l_i, acc, lo_e, hi, n, T, c1, b, h, qh, t, qpos, rows_ok, dd, d_ok,
+                  RK, RV, srb, srh, srt, KNEW, VNEW, snb, snh, snt,
+                  MASK, smb, smh, smt, sml, qk_scale,
+                  BN: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr):
+    """Fold the exact positions [lo_e, hi) into (m_i, l_i, acc): residual-ring slots (position p at
+    slot p - c1) below n - T, this step's new tokens from n - T. Shared by every codec's attend."""
+    n_old = n - T
+    ring = RK + b * srb + h * srh
+    ringv = RV + b * srb + h * srh
+    new = KNEW + b * snb + h * snh
+    newv = VNEW + b * snb + h * snh
+    for p0 in range(lo_e, hi, BN):
+        pos = p0 + tl.arange(0, BN)
+        ok = pos < hi
+        in_ring = pos < n_old
+        m_r = (ok & in_ring)[:, None] & d_ok[None, :]
+        m_n = (ok & (pos >= n_old))[:, None] & d_ok[None, :]
+        off_r = (pos - c1)[:, None] * srt + dd[None, :]
+        off_n = (pos - n_old)[:, None] * snt + dd[None, :]
+        k = tl.where(m_r, tl.load(ring + off_r, mask=m_r, other=0.0), tl.load(new + off_n, mask=m_n, other=0.0))
+        s = tl.dot(q, tl.trans(k.to(DT)))
+        s = _mask_scores(s * qk_scale, pos, hi, rows_ok, b, qh, t, qpos,
+                         MASK, smb, smh, smt, sml, MASK_KIND, CAUSAL)
+        p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc)
+        v = tl.where(m_r, tl.load(ringv + off_r, mask=m_r, other=0.0), tl.load(newv + off_n, mask=m_n, other=0.0))
+        acc = tl.dot(p.to(DT), v.to(DT), acc=acc)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _store_partial(OPART, LSE, m_i, l_i, acc, base, M, r, rows_ok, dd, DP: tl.constexpr):
+    """Write a split's normalized partial output and its log-sum-exp (base 2) for `_combine`."""
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+    tl.store(OPART + (base * M + r[:, None]) * DP + dd[None, :], o, mask=rows_ok[:, None])
+    tl.store(LSE + base * M + r, lse, mask=rows_ok)
+
+
+@triton.jit
 def _signs_t(ptr, rows, ok, BT: tl.constexpr, NB: tl.constexpr, c0: tl.constexpr, MC: tl.constexpr,
              DT: tl.constexpr, ONE: tl.constexpr):
     """Sign bits c0 .. c0+MC of tokens `rows` -> (BT, MC) tile of +-1 in DT.
@@ -245,33 +285,11 @@ def _attend_split(
     lo_e = tl.maximum(lo, cl)
     if lo_e < hi:
         q = tl.load(q_row[:, None] + dd[None, :], mask=rows_ok[:, None] & d_ok[None, :], other=0.0).to(DT)
-        n_old = n - T
-        ring = RK + b * srb + h * srh
-        ringv = RV + b * srb + h * srh
-        new = KNEW + b * snb + h * snh
-        newv = VNEW + b * snb + h * snh
-        for p0 in range(lo_e, hi, BN):
-            pos = p0 + tl.arange(0, BN)
-            ok = pos < hi
-            in_ring = pos < n_old
-            m_r = (ok & in_ring)[:, None] & d_ok[None, :]
-            m_n = (ok & (pos >= n_old))[:, None] & d_ok[None, :]
-            off_r = (pos - c1)[:, None] * srt + dd[None, :]
-            off_n = (pos - n_old)[:, None] * snt + dd[None, :]
-            k = tl.where(m_r, tl.load(ring + off_r, mask=m_r, other=0.0), tl.load(new + off_n, mask=m_n, other=0.0))
-            s = tl.dot(q, tl.trans(k.to(DT)))
-            s = _mask_scores(s * qk_scale, pos, hi, rows_ok, b, qh, t, qpos,
-                             MASK, smb, smh, smt, sml, MASK_KIND, CAUSAL)
-            p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc)
-            v = tl.where(m_r, tl.load(ringv + off_r, mask=m_r, other=0.0), tl.load(newv + off_n, mask=m_n, other=0.0))
-            acc = tl.dot(p.to(DT), v.to(DT), acc=acc)
+        m_i, l_i, acc = _attend_exact(q, m_i, l_i, acc, lo_e, hi, n, T, c1, b, h, qh, t, qpos, rows_ok, dd, d_ok,
+                                      RK, RV, srb, srh, srt, KNEW, VNEW, snb, snh, snt,
+                                      MASK, smb, smh, smt, sml, qk_scale, BN, MASK_KIND, CAUSAL, DT)
 
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    o = acc / l_safe[:, None]
-    lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
-    base = bh * NSPLIT + sp
-    tl.store(OPART + (base * M + r[:, None]) * DP + dd[None, :], o, mask=rows_ok[:, None])
-    tl.store(LSE + base * M + r, lse, mask=rows_ok)
+    _store_partial(OPART, LSE, m_i, l_i, acc, bh * NSPLIT + sp, M, r, rows_ok, dd, DP)
 
 
 @triton.jit
@@ -381,6 +399,27 @@ def check_device(*ts, what="qjl triton"):
                              f"got {t.device}")
 
 
+def check_attend(q, state, k_new, v_new, B, H, D, what):
+    """Shared checks of an attend launcher's inputs; returns (q, k_new, v_new, Tq, T, G) with q and
+    the new tokens made contiguous in D."""
+    if q.dim() != 4 or q.shape[0] != B or q.shape[-1] != D or q.shape[1] % H:
+        raise ValueError(f"{what}: q must be (B={B}, Hq, Tq, D={D}) with Hq a multiple of H={H}, "
+                         f"got {tuple(q.shape)}")
+    if q.dtype not in _TL or k_new.dtype != state[1].dtype or v_new.dtype != state[1].dtype:
+        raise ValueError(f"{what}: q dtype {q.dtype} must be fp16/bf16/fp32 and k_new/v_new match the "
+                         f"ring's {state[1].dtype}")
+    if k_new.shape != v_new.shape or k_new.dim() != 4 or tuple(k_new.shape[:2]) != (B, H) or k_new.shape[3] != D:
+        raise ValueError(f"{what}: k_new/v_new must be (B={B}, H={H}, T, D={D}), got "
+                         f"{tuple(k_new.shape)} / {tuple(v_new.shape)}")
+    rk, rv = state[1], state[2]
+    if rk.stride(-1) != 1 or rk.stride() != rv.stride():
+        raise ValueError(f"{what}: ring buffers must be contiguous in D and share strides")
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    if k_new.stride(-1) != 1 or v_new.stride() != k_new.stride():
+        k_new, v_new = k_new.contiguous(), v_new.contiguous()
+    return q, k_new, v_new, q.shape[2], k_new.shape[2], q.shape[1] // H
+
+
 def check_qjl(state, consts, meta, what):
     """Shared checks of a QJL layer state; returns (B, H, R, D, L, m, mo, o, vb, vg, LC)."""
     if int(meta[0]) != 0:
@@ -469,24 +508,9 @@ def qjl_attend(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, 
     """
     B, H, R, D, L, m, mo, o, vb, vg, LC = check_qjl(state, consts, meta, "qjl_attend")
     check_device(q, k_new, v_new, state[0], state[1], attn_mask, consts[0], what="qjl_attend")
-    if q.dim() != 4 or q.shape[0] != B or q.shape[-1] != D or q.shape[1] % H:
-        raise ValueError(f"qjl_attend: q must be (B={B}, Hq, Tq, D={D}) with Hq a multiple of H={H}, "
-                         f"got {tuple(q.shape)}")
-    if q.dtype not in _TL or k_new.dtype != state[1].dtype or v_new.dtype != state[1].dtype:
-        raise ValueError(f"qjl_attend: q dtype {q.dtype} must be fp16/bf16/fp32 and k_new/v_new match the "
-                         f"ring's {state[1].dtype}")
-    if k_new.shape != v_new.shape or k_new.dim() != 4 or tuple(k_new.shape[:2]) != (B, H) or k_new.shape[3] != D:
-        raise ValueError(f"qjl_attend: k_new/v_new must be (B={B}, H={H}, T, D={D}), got "
-                         f"{tuple(k_new.shape)} / {tuple(v_new.shape)}")
-    Hq, Tq, T = q.shape[1], q.shape[2], k_new.shape[2]
-    G = Hq // H
+    q, k_new, v_new, Tq, T, G = check_attend(q, state, k_new, v_new, B, H, D, "qjl_attend")
     M = G * Tq
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    k_new = k_new if k_new.stride(-1) == 1 else k_new.contiguous()
-    v_new = v_new if v_new.stride(-1) == 1 else v_new.contiguous()
     rk, rv = state[1], state[2]
-    if rk.stride(-1) != 1 or rk.stride() != rv.stride():
-        raise ValueError("qjl_attend: ring buffers must be contiguous in D and share strides")
 
     mask_kind, mt, ms = mask_args(attn_mask, q)
 

@@ -41,8 +41,8 @@ import triton.language as tl
 from .. import reference as ref
 from .. import rotation as rot
 from .qjl_append import _SIDE, _ring, _sketch_signs
-from .qjl_attend import (LOG2E, mask_args, _ONE, _TL, _combine, _interpret, _mask_scores, _p2, _signs_t,
-                         _softmax_step, check_device, sketch_t)
+from .qjl_attend import (LOG2E, _ONE, _TL, _attend_exact, _combine, _interpret, _mask_scores, _p2, _signs_t,
+                         _softmax_step, _store_partial, check_attend, check_device, mask_args, sketch_t)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,33 +333,11 @@ def _attend_split(
 
     lo_e = tl.maximum(lo, cl)
     if lo_e < hi:
-        n_old = n - T
-        ring = RK + b * srb + h * srh
-        ringv = RV + b * srb + h * srh
-        new = KNEW + b * snb + h * snh
-        newv = VNEW + b * snb + h * snh
-        for p0 in range(lo_e, hi, BN):
-            pos = p0 + tl.arange(0, BN)
-            ok = pos < hi
-            in_ring = pos < n_old
-            m_r = (ok & in_ring)[:, None] & d_ok[None, :]
-            m_n = (ok & (pos >= n_old))[:, None] & d_ok[None, :]
-            off_r = (pos - c1)[:, None] * srt + dd[None, :]
-            off_n = (pos - n_old)[:, None] * snt + dd[None, :]
-            k = tl.where(m_r, tl.load(ring + off_r, mask=m_r, other=0.0), tl.load(new + off_n, mask=m_n, other=0.0))
-            s = tl.dot(q, tl.trans(k.to(DT)))
-            s = _mask_scores(s * qk_scale, pos, hi, rows_ok, b, qh, t, qpos,
-                             MASK, smb, smh, smt, sml, MASK_KIND, CAUSAL)
-            p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc)
-            v = tl.where(m_r, tl.load(ringv + off_r, mask=m_r, other=0.0), tl.load(newv + off_n, mask=m_n, other=0.0))
-            acc = tl.dot(p.to(DT), v.to(DT), acc=acc)
+        m_i, l_i, acc = _attend_exact(q, m_i, l_i, acc, lo_e, hi, n, T, c1, b, h, qh, t, qpos, rows_ok, dd, d_ok,
+                                      RK, RV, srb, srh, srt, KNEW, VNEW, snb, snh, snt,
+                                      MASK, smb, smh, smt, sml, qk_scale, BN, MASK_KIND, CAUSAL, DT)
 
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    o = acc / l_safe[:, None]
-    lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
-    base = bh * NSPLIT + sp
-    tl.store(OPART + (base * Mr + r[:, None]) * DP + dd[None, :], o, mask=rows_ok[:, None])
-    tl.store(LSE + base * Mr + r, lse, mask=rows_ok)
+    _store_partial(OPART, LSE, m_i, l_i, acc, bh * NSPLIT + sp, Mr, r, rows_ok, dd, DP)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -577,24 +555,9 @@ def rotation_attend(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
     dims, bufs = check_rotation(state, consts, meta, "rotation_attend")
     check_device(q, k_new, v_new, state[0], state[1], attn_mask, consts[0], what="rotation_attend")
     B, H, R, D, L, LC = dims["B"], dims["H"], dims["R"], dims["D"], dims["L"], dims["LC"]
-    if q.dim() != 4 or q.shape[0] != B or q.shape[-1] != D or q.shape[1] % H:
-        raise ValueError(f"rotation_attend: q must be (B={B}, Hq, Tq, D={D}) with Hq a multiple of H={H}, "
-                         f"got {tuple(q.shape)}")
-    if q.dtype not in _TL or k_new.dtype != state[1].dtype or v_new.dtype != state[1].dtype:
-        raise ValueError(f"rotation_attend: q dtype {q.dtype} must be fp16/bf16/fp32 and k_new/v_new match the "
-                         f"ring's {state[1].dtype}")
-    if k_new.shape != v_new.shape or k_new.dim() != 4 or tuple(k_new.shape[:2]) != (B, H) or k_new.shape[3] != D:
-        raise ValueError(f"rotation_attend: k_new/v_new must be (B={B}, H={H}, T, D={D}), got "
-                         f"{tuple(k_new.shape)} / {tuple(v_new.shape)}")
-    Hq, Tq, T = q.shape[1], q.shape[2], k_new.shape[2]
-    G = Hq // H
+    q, k_new, v_new, Tq, T, G = check_attend(q, state, k_new, v_new, B, H, D, "rotation_attend")
     Mr = G * Tq
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    k_new = k_new if k_new.stride(-1) == 1 else k_new.contiguous()
-    v_new = v_new if v_new.stride(-1) == 1 else v_new.contiguous()
     rk, rv = state[1], state[2]
-    if rk.stride(-1) != 1 or rk.stride() != rv.stride():
-        raise ValueError("rotation_attend: ring buffers must be contiguous in D and share strides")
 
     mask_kind, mt, ms = mask_args(attn_mask, q)
 

@@ -11,13 +11,11 @@ defined up to sign and the kernel's Jacobi solver and LAPACK pick differently; a
 direction negates that direction's code column and Bm row (the same X'). Up to that sign, codes,
 scales and Bm must match (a code may differ by one step where fp64 rounding meets a tie).
 """
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_env import CUDA, DEV, INTERP, OUT_TOL, gpu, needs_cuda, needs_kernel  # noqa: E402,F401  (sets TRITON_INTERPRET)
 
 triton = pytest.importorskip("triton")
 
@@ -27,13 +25,6 @@ from qjl_compile.kernels import reference as ref  # noqa: E402
 from qjl_compile.kernels.triton.decoquant import decoquant_append_, decoquant_attend  # noqa: E402
 
 CODEC = ref.CODECS[1]
-INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA and not INTERP else "cpu"
-needs_kernel = pytest.mark.skipif(not (CUDA or INTERP), reason="needs CUDA or TRITON_INTERPRET=1")
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not CUDA or INTERP, reason="needs CUDA (not the interpreter)")
-OUT_TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float32: 5e-3}  # ||out - ref|| / ||ref||
 
 
 def make(B, H, D, L, R, bits, block=None, dtype=torch.float16, side=torch.float16, dev=DEV):

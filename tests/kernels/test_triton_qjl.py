@@ -5,14 +5,12 @@ GPU is present) on small shapes. GPU (`-m gpu` runs them; skipped without CUDA):
 dispatch through torch.ops.qjl, and CUDA-graph capture/replay of a decode step.
 """
 import itertools
-import os
 import zlib
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_env import CUDA, DEV, INTERP, OUT_TOL, gpu, needs_cuda, needs_kernel  # noqa: E402,F401  (sets TRITON_INTERPRET)
 
 triton = pytest.importorskip("triton")
 
@@ -22,13 +20,6 @@ from qjl_compile.kernels.triton.qjl_append import qjl_append_  # noqa: E402
 from qjl_compile.kernels.triton.qjl_attend import qjl_attend  # noqa: E402
 
 QJL = ref.CODECS[0]
-INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA and not INTERP else "cpu"
-needs_kernel = pytest.mark.skipif(not (CUDA or INTERP), reason="needs CUDA or TRITON_INTERPRET=1")
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not CUDA or INTERP, reason="needs CUDA (not the interpreter)")
-OUT_TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float32: 5e-3}  # ||out - ref|| / ||ref||
 
 
 def make(B, H, D, L, R, m, mo, o, vb=2, vg=32, dtype=torch.float16, dev=DEV, seed=0):
