@@ -18,3 +18,25 @@ needs_kernel = pytest.mark.skipif(not (CUDA or INTERP), reason="needs CUDA or TR
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA or INTERP, reason="needs CUDA (not the interpreter)")
 OUT_TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float32: 5e-3}  # ||out - ref|| / ||ref||
+
+
+def capture_decode(append, attend, st, consts, kk, vv, qq, meta):
+    """Capture one decode step (append, then attend) of a codec's kernels in a CUDA graph.
+
+    Warm-up runs on a side stream (it compiles the kernels) and its append is undone, so the
+    state is as given when the graph is captured. Returns (graph, output tensor of the graph).
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    snap = [x.clone() for x in st]
+    with torch.cuda.stream(side):
+        append(st, consts, kk, vv, meta)
+        attend(qq, st, consts, kk, vv, None, True, None, meta)
+    torch.cuda.current_stream().wait_stream(side)
+    for x, y in zip(st, snap):
+        x.copy_(y)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        append(st, consts, kk, vv, meta)
+        out = attend(qq, st, consts, kk, vv, None, True, None, meta)
+    return g, out

@@ -15,7 +15,7 @@ scales and Bm must match (a code may differ by one step where fp64 rounding meet
 import pytest
 import torch
 
-from kernel_env import CUDA, DEV, INTERP, OUT_TOL, gpu, needs_cuda, needs_kernel  # noqa: E402,F401  (sets TRITON_INTERPRET)
+from kernel_env import CUDA, DEV, INTERP, OUT_TOL, capture_decode, gpu, needs_cuda, needs_kernel  # noqa: E402,F401  (sets TRITON_INTERPRET)
 
 triton = pytest.importorskip("triton")
 
@@ -343,19 +343,7 @@ def test_cuda_graph_decode_step():
     kk = torch.zeros(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
     vv = torch.zeros(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
     qq = torch.zeros(B, H * G, 1, D, device="cuda", dtype=torch.bfloat16)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    snap = [x.clone() for x in st]
-    with torch.cuda.stream(side):                                   # warm-up (compiles), then undo
-        decoquant_append_(st, consts, kk, vv, meta)
-        decoquant_attend(qq, st, consts, kk, vv, None, True, None, meta)
-    torch.cuda.current_stream().wait_stream(side)
-    for x, y in zip(st, snap):
-        x.copy_(y)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        decoquant_append_(st, consts, kk, vv, meta)
-        out = decoquant_attend(qq, st, consts, kk, vv, None, True, None, meta)
+    g, out = capture_decode(decoquant_append_, decoquant_attend, st, consts, kk, vv, qq, meta)
     for step in range(100):
         k, v = kv(B, H, 1, D, gen, torch.bfloat16)
         q = torch.randn(B, H * G, 1, D, generator=gen).to("cuda", torch.bfloat16)

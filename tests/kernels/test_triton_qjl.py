@@ -10,7 +10,7 @@ import zlib
 import pytest
 import torch
 
-from kernel_env import CUDA, DEV, INTERP, OUT_TOL, gpu, needs_cuda, needs_kernel  # noqa: E402,F401  (sets TRITON_INTERPRET)
+from kernel_env import CUDA, DEV, INTERP, OUT_TOL, capture_decode, gpu, needs_cuda, needs_kernel  # noqa: E402,F401  (sets TRITON_INTERPRET)
 
 triton = pytest.importorskip("triton")
 
@@ -240,19 +240,7 @@ def test_cuda_graph_decode_step():
     st_r = [x.clone() for x in st]
     kk, vv = torch.zeros(B, H, 1, D, device="cuda", dtype=torch.bfloat16), torch.zeros(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
     qq = torch.zeros(B, H * G, 1, D, device="cuda", dtype=torch.bfloat16)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    snap = [x.clone() for x in st]
-    with torch.cuda.stream(side):                                   # warm-up (compiles), then undo
-        qjl_append_(st, consts, kk, vv, meta)
-        qjl_attend(qq, st, consts, kk, vv, None, True, None, meta)
-    torch.cuda.current_stream().wait_stream(side)
-    for x, y in zip(st, snap):
-        x.copy_(y)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        qjl_append_(st, consts, kk, vv, meta)
-        out = qjl_attend(qq, st, consts, kk, vv, None, True, None, meta)
+    g, out = capture_decode(qjl_append_, qjl_attend, st, consts, kk, vv, qq, meta)
     keys = [k0]
     for step in range(100):
         k, v = (torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
