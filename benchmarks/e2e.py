@@ -128,10 +128,6 @@ def has_cuda_kernel(codec: int) -> bool:
     return kt.has_kernels(codec)
 
 
-def decoquant_has_cuda_kernel() -> bool:
-    return has_cuda_kernel(1)
-
-
 def hqq_available() -> str | None:
     """None if transformers' QuantizedCache(backend="hqq") can run here, else the reason."""
     try:

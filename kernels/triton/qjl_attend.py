@@ -423,7 +423,8 @@ def check_attend(q, state, k_new, v_new, B, H, D, what):
 def check_qjl(state, consts, meta, what):
     """Shared checks of a QJL layer state; returns (B, H, R, D, L, m, mo, o, vb, vg, LC)."""
     if int(meta[0]) != 0:
-        raise NotImplementedError(f"{what}: only codec 0 (QJL) has a Triton kernel, got codec {meta[0]}")
+        raise NotImplementedError(f"{what}: this is the QJL (codec 0) kernel, got codec {meta[0]} "
+                                  "(kernels/triton KERNELS dispatches by codec)")
     if len(meta) != 6:
         raise ValueError(f"{what}: QJL meta must be [0, R, L, o, value_bits, value_group], got {list(meta)}")
     if len(state) != 11 or len(consts) != 2:
