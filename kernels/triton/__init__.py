@@ -4,8 +4,11 @@ Importing this package never imports triton: `register_cuda()` (called by kernel
 registers thin wrappers that import the launchers on first CUDA call, so CPU-only machines
 and machines without triton keep the reference implementation.
 
-    qjl_attend.py   fused attention over the compressed cache (QJL, codec 0) + split combine
+    qjl_attend.py   fused attention over the compressed cache (QJL, codec 0), split combine, and
+                    the pieces every codec's attend shares (mask handling, exact-token loop)
     qjl_append.py   append: compress full residual blocks, refill the ring
+    decoquant.py    DecoQuant (codec 1): append (in-kernel Jacobi eigh per block) + fused attend
+    rotation.py     rotation + Lloyd-Max (codec 2): append + fused attend in the rotated space
 """
 from __future__ import annotations
 
