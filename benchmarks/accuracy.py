@@ -240,6 +240,13 @@ def run(args) -> dict:
     }
 
 
+def _nwin(n) -> str:
+    """'2 window(s) per length', or per window length for merged runs ({"2048": 2, "8192": 1})."""
+    if isinstance(n, dict):
+        return "windows per length: " + ", ".join(f"{n[w]} at W={w}" for w in sorted(n, key=int))
+    return f"{n} window(s) per length"
+
+
 def _fmt(x, spec=".2f", na="n/a"):
     return na if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -277,7 +284,7 @@ def describe(result: dict) -> str:
                    f"tokens" for w in result["windows"] if str(w) in result["scored_tokens"])
     nd = result["needle"]
     return (f"Model {result['model']} ({result['dtype']}, {result['device']}); text {result['text']} "
-            f"({result['text_tokens']} tokens); {result['n_windows']} window(s) per length ({ws}); the rest "
+            f"({result['text_tokens']} tokens); {_nwin(result['n_windows'])} ({ws}); the rest "
             f"teacher-forced in chunks of {result['chunk']} over the compressed cache. KL = mean KL(fp16 || "
             f"method) per scored token; top-1 = agreement of argmax with fp16. Needle: {nd['context_tokens']} filler "
             f"tokens, depths {nd['depths']}, {nd['trials']} trial(s) per depth; found/trials. Bits: K/V = codec "
@@ -412,7 +419,8 @@ def merge(results: list[dict]) -> dict:
     out["windows"] = sorted({w for r in results for w in r["windows"]})
     for k in ("prefill", "scored_tokens"):
         out[k] = {w: v for r in results for w, v in r[k].items()}
-    out["n_windows"] = max(r["n_windows"] for r in results)
+    per = {str(w): r["n_windows"] for r in results for w in r["windows"]}
+    out["n_windows"] = per if len(set(per.values())) > 1 else next(iter(per.values()))
     out["needle"] = next((r["needle"] for r in results if r["needle"].get("context_tokens")), out["needle"])
     out["seconds"] = sum(r["seconds"] for r in results)
     out["command"] = " && ".join(r["command"] for r in results)
