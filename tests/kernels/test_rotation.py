@@ -341,9 +341,10 @@ def test_opcheck():
 def test_config_fields_and_presets():
     from qjl_compile import QJLConfig
 
-    for name in ("rotation4", "rotation3", "rotation-k4v3", "rotation-k4v2"):
+    for name in ("rotation4", "rotation3", "rotation-k4v3", "rotation-k4v2", "rotation-k4v3-match"):
         c = QJLConfig.preset(name, head_dim=64, num_layers=30)
         assert c.method == "rotation"
+    assert QJLConfig.preset("rotation-k4v3-match", head_dim=64, num_layers=30).rotation_scale == "match"
     c = QJLConfig(method="rotation", rotation_key_bits=3, rotation_value_bits=2, rotation_initial_bits=4,
                   initial_layers=2)
     assert c.rotation_bits(0) == (4, 4) and c.rotation_bits(1) == (4, 4) and c.rotation_bits(2) == (3, 2)

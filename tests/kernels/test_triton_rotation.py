@@ -279,7 +279,7 @@ def test_launcher_errors():
 FULL_STEPS = [[1, 126, 1, 1, 31, 33, 1], [128, 1, 3, 124, 1], [200, 57, 1, 31, 32, 1], [300, 5, 1]]
 PRESETS = {  # the config presets' codec params (cache: block = R), plus every option on / off
     "rotation4": [4, 4, 0, 2, 0, 1], "rotation-k4v3": [4, 3, 0, 2, 4, 1], "rotation-k4v2": [4, 2, 0, 2, 4, 1],
-    "k3v3-plain": [3, 3, 0, 2, 0, 0], "k3v2-unbiased-kv": [3, 2, 1, 2, 4, 3], "k2v4-norm": [2, 4, 0, 0, 0, 2],
+    "rotation-k4v3-match": [4, 3, 0, 1, 4, 1], "k3v3-plain": [3, 3, 0, 2, 0, 0], "k3v2-unbiased-kv": [3, 2, 1, 2, 4, 3], "k2v4-norm": [2, 4, 0, 0, 0, 2],
     "k4v4-match-unbiased": [4, 4, 1, 1, 0, 0],
 }
 
