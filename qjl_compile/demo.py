@@ -50,9 +50,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="qjl-compile demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=2048, help="perplexity window W in tokens (default 2048)")
     ap.add_argument("--max-new-tokens", type=int, default=48, help="answer length (default 48)")
-    ap.add_argument("--presets", default="reference,rotation-k4v3",
+    ap.add_argument("--presets", default="reference,rotation-k4v3-match",
                     help="comma-separated QJLConfig presets, one QJLCache row each (default: the QJL reference "
-                         "preset and the project's best setting at <= 4 bits, rotation-k4v3)")
+                         "preset and the project's best setting at <= 4 bits, rotation-k4v3-match)")
     ap.add_argument("--chunk", type=int, default=64, help="teacher-forced chunk for perplexity (default 64)")
     ap.add_argument("--doc-tokens", type=int, default=600, help="documentation tokens in the prompt (default 600)")
     args = ap.parse_args(argv)
