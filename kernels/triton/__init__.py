@@ -12,6 +12,8 @@ and machines without triton keep the reference implementation.
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 
 import torch
@@ -22,6 +24,7 @@ _REGISTERED = False
 MAX_FUSED_ROWS = 64
 
 
+@functools.cache
 def _have_triton() -> bool:
     try:
         import triton  # noqa: F401
@@ -41,11 +44,12 @@ KERNELS = {
 }
 
 
+@functools.cache
 def _kernel(codec: int, which: int):
+    """The launcher of `codec` (which: 0 append, 1 attend), resolved once per process."""
     spec = KERNELS.get(codec)
     if spec is None or not _have_triton():
         return None
-    import importlib
     mod = importlib.import_module(f"{__name__}.{spec[2 * which]}")
     return getattr(mod, spec[2 * which + 1])
 
@@ -103,7 +107,6 @@ def prepare(codec: int, consts, dtype: torch.dtype) -> None:
     """
     if not consts or not consts[0].is_cuda or not has_kernels(codec):
         return
-    import importlib
     mod = importlib.import_module(f"{__name__}.{KERNELS[codec][2]}")
     if hasattr(mod, "prepare"):
         mod.prepare(consts, dtype)

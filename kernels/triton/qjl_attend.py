@@ -544,8 +544,12 @@ def qjl_attend(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, 
               num_stages=2, MC=min(64, MSP), MOC=min(64, MOP), ONE=_ONE.get(dot_dt, 0) if fast else 0)
     # a tile that needs more shared memory than the GPU has (it depends on the mask kind, dtype and
     # shapes) is retried with fewer groups per iteration; the working choice is remembered
-    key = (q.device.index, tuple(sorted(kw.items())), ng, num_warps)
-    ng = _OOR.get(key, ng)
+    def oor_key(ng0=ng):    # built only once a launch has failed (not per call)
+        return (q.device.index, ng0, num_warps, tuple(sorted(kw.items())))
+
+    if _OOR:
+        ng = _OOR.get(oor_key(), ng)
+    key = None
     while True:
         step = 32 * ng
         ns = nsplit if nsplit is not None else cfg["nsplit"]
@@ -570,6 +574,7 @@ def qjl_attend(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, 
         except triton.runtime.errors.OutOfResources:
             if ng == 1:
                 raise
+            key = key or oor_key()
             ng //= 2
             _OOR[key] = ng
     nsplit = ns

@@ -344,6 +344,7 @@ def _attend_split(
 # launchers
 # ----------------------------------------------------------------------------------------------
 _DERIVED: dict = {}
+_OOR: dict = {}        # launch key -> tokens per iteration (bt) that fit in shared memory
 
 
 def _derived(consts, dtype: torch.dtype) -> dict:
@@ -581,6 +582,12 @@ def rotation_attend(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
     sc = float(scale) if scale is not None else 1.0 / math.sqrt(D)
     # a tile that needs more shared memory than the GPU has (large BM with bt=128) is retried
     # with half the tokens per iteration
+    def oor_key(bt0=bt):    # built only once a launch has failed (not per call)
+        return (q.device.index, bt0, num_warps, BM, D, G, mask_kind, dot_dt, tuple(sorted(dims.items())))
+
+    if _OOR:
+        bt = _OOR.get(oor_key(), bt)
+    key = None
     while True:
         chunk = triton.cdiv(triton.cdiv(L, ns0), bt) * bt
         ns = triton.cdiv(L, chunk)
@@ -606,7 +613,9 @@ def rotation_attend(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
         except triton.runtime.errors.OutOfResources:
             if bt <= 16:
                 raise
+            key = key or oor_key()
             bt //= 2
+            _OOR[key] = bt
     _combine[(B * H, n_mb)](opart, lse, out, out.stride(0), out.stride(1), out.stride(2), H, Tq, ns,
                             G=G, D=D, DP=DP, BM=BM, num_warps=4)
     return out
