@@ -472,7 +472,7 @@ def _config(B, H, n_mb, L, cuda):
 
 
 def qjl_attend(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, scale=None, meta=None,
-               nsplit=None, fast=None, num_warps=None, ng=None):
+               nsplit=None, fast=None, num_warps=None, ng=None, maxnreg=None):
     """Fused QJL attention over one layer's cache, after `append` (semantics of reference.attend).
 
     Parameters
@@ -569,7 +569,7 @@ def qjl_attend(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, 
                 mt, *ms,
                 opart, lse, sqs,
                 H, Tq, T, LC, chunk, ns, sc * LOG2E, c_in, c_out,
-                NG=ng, num_warps=num_warps, **kw)
+                NG=ng, num_warps=num_warps, **kw, **({"maxnreg": maxnreg} if maxnreg else {}))
             break
         except triton.runtime.errors.OutOfResources:
             if ng == 1:

@@ -120,7 +120,7 @@ def _quantize(x, PiT, d_ok, BD, CB, sqrt_d, NLEV: tl.constexpr, SMODE: tl.conste
     else:
         a = tl.sum(r * c, 1) / tl.sum(c * c, 1)
     a = tl.where(nrm > 0, a, 0.0)
-    return idx, c, a
+    return idx, c, a, r
 
 
 @triton.jit
@@ -154,7 +154,7 @@ def _compress(
     RK, RV, srb, srh, srt,                   # ring (B, H, R, D)
     LEN,
     KIDX, KSCALE, KQJL, KRES, KMEAN, VIDX, VSCALE, VMEAN, KSINK, VSINK,
-    PI, BDK, CBK, BDV, CBV, S_T,             # Pi (D, D), boundaries, codebooks, S^T (D, m): fp32
+    PI, BDK, CBK, BDV, CBV, PS_T,            # Pi (D, D), boundaries, codebooks, Pi S^T (D, m): fp32
     H, T, LC, sqrt_d,
     R: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
     UB: tl.constexpr, M: tl.constexpr, MC: tl.constexpr, SMODE: tl.constexpr, NS: tl.constexpr,
@@ -198,16 +198,18 @@ def _compress(
                 tl.store(KSINK + so, _to_side(k.to(tl.float32), SIDE, EMU), mask=sm)
                 tl.store(VSINK + so, _to_side(v.to(tl.float32), SIDE, EMU), mask=sm)
             xk = k.to(tl.float32) - mu_k[None, :]
-            ik, ck, ak = _quantize(xk, PiT, d_ok, BDK, CBK, sqrt_d, NLK, SMODE, PREC)
+            ik, ck, ak, rk = _quantize(xk, PiT, d_ok, BDK, CBK, sqrt_d, NLK, SMODE, PREC)
             _store_codes(KIDX, row, ik, KB, D, DP)
             ak_s = _to_side(ak, SIDE, EMU)
             tl.store(KSCALE + row, ak_s)
             if UB:                                           # 1-bit QJL sketch of the residual
-                res = xk - tl.dot(ck * ak_s.to(tl.float32)[:, None], tl.trans(PiT), input_precision=PREC)
+                # x - Pi^T (a c) = Pi^T (Pi x - a c): its norm and sketch in rotated space with
+                # PS_T = Pi S^T, so no second (transposed) Pi operand in shared memory
+                res = rk - ck * ak_s.to(tl.float32)[:, None]
                 tl.store(KRES + row, _to_side(tl.sqrt(tl.sum(res * res, 1)), SIDE, EMU))
-                _sketch_signs(res, S_T, KQJL, row, M, DP, D, MC, PREC)
+                _sketch_signs(res, PS_T, KQJL, row, M, DP, D, MC, PREC)
             xv = v.to(tl.float32) - mu_v[None, :]
-            iv, cv, av = _quantize(xv, PiT, d_ok, BDV, CBV, sqrt_d, NLV, SMODE, PREC)
+            iv, cv, av, _ = _quantize(xv, PiT, d_ok, BDV, CBV, sqrt_d, NLV, SMODE, PREC)
             _store_codes(VIDX, row, iv, VB, D, DP)
             tl.store(VSCALE + row, _to_side(av, SIDE, EMU))
 
@@ -363,7 +365,8 @@ def _derived(consts, dtype: torch.dtype) -> dict:
                    pi32=f32[0], cbk32=f32[1], cbv32=f32[2],
                    bdk=rot._bounds(f32[1]).contiguous(), bdv=rot._bounds(f32[2]).contiguous())
         if S.shape[0]:
-            hit["st32"], hit["st"] = sketch_t(S, torch.float32), sketch_t(S, dtype)
+            hit["st"] = sketch_t(S, dtype)
+            hit["pst32"] = (Pi.double() @ S.double().t()).to(torch.float32).contiguous()   # append, rotated space
         _DERIVED[key] = hit
     return hit
 
@@ -477,14 +480,16 @@ def rotation_append_(state, consts, k, v, meta):
             k, v, k.stride(0), k.stride(1), k.stride(2),
             rk, rv, rk.stride(0), rk.stride(1), rk.stride(2),
             state[0], *_ptrs(bufs),
-            c["pi32"], c["bdk"], c["cbk32"], c["bdv"], c["cbv32"], c.get("st32", c["pi32"]),
+            c["pi32"], c["bdk"], c["cbk32"], c["bdv"], c["cbv32"], c.get("pst32", c["pi32"]),
             H, T, LC, math.sqrt(D),
             R=R, D=D, DP=DP, KB=dims["kb"], VB=dims["vb"], UB=dims["ub"], M=max(m, 16),
             MC=min(64, _p2(max(m, 16))), SMODE=dims["sm"], NS=dims["ns"], CK=dims["ck"], CV=dims["cv"],
             UNIT=unit, SIDE=_SIDE[dims["side"]], NLK=1 << dims["kb"], NLV=1 << dims["vb"],
             EMU=_interpret() and dims["side"] == torch.bfloat16,
             PREC="ieee" if _interpret() else "tf32x3",     # tf32x3: ~fp32 accuracy on tensor cores
-            num_warps=8,
+            # shared memory at D=128 (sm_90 compile): 16-bit 197 KB at 2 stages (229 KB at 3, at the
+            # 227 KB limit); fp32 164 KB at 1 stage (295 KB at 3)
+            num_warps=8, num_stages=2 if k.element_size() < 4 else 1,
         )
     BS = 32
     _ring[(triton.cdiv(R, BS), B * H)](
@@ -539,7 +544,8 @@ def rotation_attend(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
     nsplit : int, optional
         Number of position splits (default from static shapes).
     bt : int, optional
-        Compressed tokens per tile (16, 32, 64 or 128; divides the centering block).
+        Compressed tokens per tile (16, 32, 64 or 128; divides the centering block). On CUDA,
+        at least 64 when more than 16 query rows share a kv head (smaller tiles miscompute there).
     num_warps : int, optional
         Warps per split program.
 
@@ -568,6 +574,10 @@ def rotation_attend(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
     n_mb = triton.cdiv(Mr, BM)
     cfg = _config(B, H, n_mb, L, q.is_cuda)
     bt = bt or cfg["bt"]
+    if BM > 16 and q.is_cuda:
+        # H100, triton 3.6: with 32 or 64 query rows, tiles of 16 or 32 tokens gave NaN / wrong rows
+        # (64 rows; the interpreter is right on the same case), 64-token tiles are right
+        bt = max(bt, 64)
     if dims["ck"] or dims["cv"]:
         while dims["block"] % bt:
             bt //= 2
