@@ -45,9 +45,11 @@ def _triton_kernels():
 HQ, H, D = 32, 8, 128
 DTYPE = torch.bfloat16
 # variants timed beside the default launch (name, qjl_attend keyword arguments)
-VARIANTS = [("ng=2 w4", dict(ng=2, num_warps=4)),
-            ("ng=4 w4", dict(ng=4, num_warps=4)),
-            ("ng=8 w8", dict(ng=8, num_warps=8))]
+VARIANTS = [("ng=4 w4 corr=0", dict(ng=4, num_warps=4, corr=0)),
+            ("ng=4 w4 corr=1", dict(ng=4, num_warps=4, corr=1)),
+            ("ng=8 w8 corr=0", dict(ng=8, num_warps=8, corr=0)),
+            ("ng=8 w8 corr=1", dict(ng=8, num_warps=8, corr=1)),
+            ("ng=4 w4 corr=0 paired", dict(ng=4, num_warps=4, corr=0, pair=True))]
 DECODE = [(1, 4096), (1, 16384), (1, 65536), (1, 131072), (16, 4096), (16, 16384)]
 PRESETS = "reference,rotation-k4v3,rotation4,decoquant4"
 

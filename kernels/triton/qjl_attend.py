@@ -113,14 +113,36 @@ def _store_partial(OPART, LSE, m_i, l_i, acc, base, M, r, rows_ok, dd, DP: tl.co
 
 
 @triton.jit
+def _kperm(c0: tl.constexpr, MC: tl.constexpr, PAIR: tl.constexpr):
+    """Sketch rows in the K order of `_signs_t`'s tile: position 32 b + 2 i + h -> row 32 b + 16 h + i."""
+    p = tl.arange(0, MC)
+    if PAIR:
+        return c0 + (p // 32) * 32 + (p % 2) * 16 + (p % 32) // 2
+    return c0 + p
+
+
+@triton.jit
 def _signs_t(ptr, rows, ok, BT: tl.constexpr, NB: tl.constexpr, c0: tl.constexpr, MC: tl.constexpr,
-             DT: tl.constexpr, ONE: tl.constexpr):
+             DT: tl.constexpr, ONE: tl.constexpr, PAIR: tl.constexpr = 0):
     """Sign bits c0 .. c0+MC of tokens `rows` -> (BT, MC) tile of +-1 in DT.
 
     ONE != 0 (fp16/bf16): +-1 built as bit patterns (ONE | sign << 15), no int->float conversion.
     """
     bi = c0 // 8 + tl.arange(0, MC // 8)
     by = tl.load(ptr + rows[:, None] * NB + bi[None, :], mask=ok[:, None] & (bi[None, :] < NB), other=0)
+    if PAIR:
+        # two signs per 32-bit word, the MMA operand's register format: word i of a 32-row block
+        # holds rows i and i + 16 (bits i, i + 16 of the block's 4 bytes) -> sign bits 15 and 31,
+        # so one shift and one LOP3 make two elements; the other operand is loaded in the same
+        # K order (`_kperm`)
+        wi = c0 // 32 + tl.arange(0, MC // 32)
+        u = tl.load(ptr.to(tl.pointer_type(tl.uint32)) + rows[:, None] * (NB // 4) + wi[None, :],
+                    mask=ok[:, None] & (wi[None, :] < NB // 4), other=0)
+        sh = (15 - tl.arange(0, 16)).to(tl.uint32)
+        w = (((~u)[:, :, None] << sh[None, None, :]) & 0x80008000) | (ONE * 0x10001)   # (BT, MC/32, 16)
+        lo = (w & 0xFFFF).to(tl.uint16).to(DT, bitcast=True)
+        hi = (w >> 16).to(tl.uint16).to(DT, bitcast=True)
+        return tl.reshape(tl.join(lo, hi), (BT, MC))
     if ONE != 0:
         nb = (~by).to(tl.uint16)                                                   # bit 0 -> -1
         sh = (15 - tl.arange(0, 8)).to(tl.uint16)
@@ -128,6 +150,23 @@ def _signs_t(ptr, rows, ok, BT: tl.constexpr, NB: tl.constexpr, c0: tl.constexpr
         return tl.reshape(w, (BT, MC)).to(DT, bitcast=True)
     bit = (by.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
     return tl.reshape(bit * 2 - 1, (BT, MC)).to(DT)
+
+
+@triton.jit
+def _signs_g(ptr, rows3, ok3, NG: tl.constexpr, NB: tl.constexpr, c0: tl.constexpr, MC: tl.constexpr,
+             DT: tl.constexpr, ONE: tl.constexpr):
+    """_signs_t for tokens `rows3` (NG, 32) -> (NG, 32, MC) tile of +-1 in DT (one 32-token group per
+    batch entry of a 3-D dot)."""
+    bi = c0 // 8 + tl.arange(0, MC // 8)
+    m = ok3[:, :, None] & (bi[None, None, :] < NB)
+    by = tl.load(ptr + rows3[:, :, None] * NB + bi[None, None, :], mask=m, other=0)
+    if ONE != 0:
+        nb = (~by).to(tl.uint16)
+        sh = (15 - tl.arange(0, 8)).to(tl.uint16)
+        w = ((nb[:, :, :, None] << sh[None, None, None, :]) & 0x8000) | ONE            # (NG, 32, MC/8, 8)
+        return tl.reshape(w, (NG, 32, MC)).to(DT, bitcast=True)
+    bit = (by.to(tl.int32)[:, :, :, None] >> tl.arange(0, 8)[None, None, None, :]) & 1
+    return tl.reshape(bit * 2 - 1, (NG, 32, MC)).to(DT)
 
 
 @triton.jit
@@ -150,6 +189,7 @@ def _attend_split(
     BM: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr,
     NG: tl.constexpr, MC: tl.constexpr, MOC: tl.constexpr,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr, ONE: tl.constexpr,
+    CORR: tl.constexpr = 0, PAIR: tl.constexpr = 0,
 ):
     """NG 32-token groups (BT = 32 NG tokens) per iteration, tokens on the MMA M side (v3).
 
@@ -218,42 +258,78 @@ def _attend_split(
             rows = bh_tok + pos
             pos3 = p0 + gi[:, None] * 32 + tk[None, :]                                  # (NG, 32)
             ok3 = pos3 < hi_c
-            nrm = tl.load(KNORM + rows, mask=tok_ok, other=0.0).to(tl.float32)
-            rawT = tl.zeros([BT, BM], tl.float32)
-            if NO > 0:
+            if (NO > 0) and (CORR == 1):
+                # per group g, the query sketches themselves: B_in = S q - S[:, idx_g] q[idx_g] and
+                # B_out = S_out[:, idx_g] q[idx_g] ((m, BM) each, built by K=o dots), then one pass over
+                # each sign tile: s = c_in nrm (sg_g @ B_in) + c_out onrm (osg_g @ B_out)
                 idx = idx_n
                 g_ok = p0 + BT + gi[:, None] * 32 < hi_c
                 idx_n = tl.load(KIDX + (bh * NG_ROWS + (p0 + BT) // 32 + gi[:, None]) * NO + oi[None, :],
                                 mask=(oi[None, :] < NO) & g_ok, other=0).to(tl.int32)  # prefetch
                 o_ok = oi < NO
-                qselT = tl.load(q_row[None, None, :] + idx[:, :, None],
-                                mask=o_ok[None, :, None] & rows_ok[None, None, :], other=0.0).to(tl.float32)
-                A = tl.zeros([NG, 32, OP], tl.float32)
-            for c0 in tl.static_range(0, MSP, MC):
-                mc = c0 + tl.arange(0, MC)
-                sg = _signs_t(KBITS, rows, tok_ok, BT, MS // 8, c0, MC, DT, ONE)          # (BT, MC)
-                sqc = tl.load(sqs + mc[:, None] * BM + ri[None, :])                     # (MC, BM)
-                rawT = tl.dot(sg, sqc, acc=rawT)
-                if NO > 0:
+                rows3 = bh_tok + pos3
+                qsel = tl.load(q_row[None, None, :] + idx[:, :, None],
+                               mask=o_ok[None, :, None] & rows_ok[None, None, :], other=0.0).to(DT)  # (NG, OP, BM)
+                raw = tl.zeros([NG, 32, BM], tl.float32)
+                for c0 in tl.static_range(0, MSP, MC):
+                    mc = c0 + tl.arange(0, MC)
                     ssel = tl.load(ST + idx[:, None, :] * MS + mc[None, :, None],
                                    mask=o_ok[None, None, :] & (mc[None, :, None] < MS), other=0.0).to(DT)
-                    A = tl.dot(tl.reshape(sg, (NG, 32, MC)), ssel, acc=A)            # (NG, 32, OP)
-            sT = rawT * (c_in * nrm)[:, None]
-            if NO > 0:
-                nrm3 = tl.load(KNORM + bh_tok + pos3, mask=ok3, other=0.0).to(tl.float32)
-                W = A * (-c_in * nrm3)[:, :, None]
+                    sqc = tl.load(sqs + mc[:, None] * BM + ri[None, :]).to(tl.float32)          # (MC, BM)
+                    b_in = sqc[None, :, :] - tl.dot(ssel, qsel)                               # (NG, MC, BM)
+                    sg = _signs_g(KBITS, rows3, ok3, NG, MS // 8, c0, MC, DT, ONE)              # (NG, 32, MC)
+                    raw = tl.dot(sg, b_in.to(DT), acc=raw)
+                nrm3 = tl.load(KNORM + rows3, mask=ok3, other=0.0).to(tl.float32)
+                s3 = raw * (c_in * nrm3)[:, :, None]
                 if MO > 0:
-                    Bo = tl.zeros([NG, 32, OP], tl.float32)
+                    rawo = tl.zeros([NG, 32, BM], tl.float32)
                     for c0 in tl.static_range(0, MOP, MOC):
                         mc = c0 + tl.arange(0, MOC)
-                        osg = _signs_t(KOBITS, rows, tok_ok, BT, MO // 8, c0, MOC, DT, ONE)
                         osel = tl.load(SOT + idx[:, None, :] * MO + mc[None, :, None],
                                        mask=o_ok[None, None, :] & (mc[None, :, None] < MO), other=0.0).to(DT)
-                        Bo = tl.dot(tl.reshape(osg, (NG, 32, MOC)), osel, acc=Bo)
-                    onrm3 = tl.load(KONORM + bh_tok + pos3, mask=ok3, other=0.0).to(tl.float32)
-                    W += Bo * (c_out * onrm3)[:, :, None]
-                corr = tl.dot(W, qselT)                                                 # (NG, 32, BM)
-                sT += tl.reshape(corr, (BT, BM))
+                        b_out = tl.dot(osel, qsel)                                            # (NG, MOC, BM)
+                        osg = _signs_g(KOBITS, rows3, ok3, NG, MO // 8, c0, MOC, DT, ONE)
+                        rawo = tl.dot(osg, b_out.to(DT), acc=rawo)
+                    onrm3 = tl.load(KONORM + rows3, mask=ok3, other=0.0).to(tl.float32)
+                    s3 += rawo * (c_out * onrm3)[:, :, None]
+                sT = tl.reshape(s3, (BT, BM))
+            else:
+                nrm = tl.load(KNORM + rows, mask=tok_ok, other=0.0).to(tl.float32)
+                rawT = tl.zeros([BT, BM], tl.float32)
+                if NO > 0:
+                    idx = idx_n
+                    g_ok = p0 + BT + gi[:, None] * 32 < hi_c
+                    idx_n = tl.load(KIDX + (bh * NG_ROWS + (p0 + BT) // 32 + gi[:, None]) * NO + oi[None, :],
+                                    mask=(oi[None, :] < NO) & g_ok, other=0).to(tl.int32)  # prefetch
+                    o_ok = oi < NO
+                    qselT = tl.load(q_row[None, None, :] + idx[:, :, None],
+                                    mask=o_ok[None, :, None] & rows_ok[None, None, :], other=0.0).to(tl.float32)
+                    A = tl.zeros([NG, 32, OP], tl.float32)
+                for c0 in tl.static_range(0, MSP, MC):
+                    mc = _kperm(c0, MC, PAIR)
+                    sg = _signs_t(KBITS, rows, tok_ok, BT, MS // 8, c0, MC, DT, ONE, PAIR)          # (BT, MC)
+                    sqc = tl.load(sqs + mc[:, None] * BM + ri[None, :])                     # (MC, BM)
+                    rawT = tl.dot(sg, sqc, acc=rawT)
+                    if NO > 0:
+                        ssel = tl.load(ST + idx[:, None, :] * MS + mc[None, :, None],
+                                       mask=o_ok[None, None, :] & (mc[None, :, None] < MS), other=0.0).to(DT)
+                        A = tl.dot(tl.reshape(sg, (NG, 32, MC)), ssel, acc=A)            # (NG, 32, OP)
+                sT = rawT * (c_in * nrm)[:, None]
+                if NO > 0:
+                    nrm3 = tl.load(KNORM + bh_tok + pos3, mask=ok3, other=0.0).to(tl.float32)
+                    W = A * (-c_in * nrm3)[:, :, None]
+                    if MO > 0:
+                        Bo = tl.zeros([NG, 32, OP], tl.float32)
+                        for c0 in tl.static_range(0, MOP, MOC):
+                            mc = _kperm(c0, MOC, PAIR)
+                            osg = _signs_t(KOBITS, rows, tok_ok, BT, MO // 8, c0, MOC, DT, ONE, PAIR)
+                            osel = tl.load(SOT + idx[:, None, :] * MO + mc[None, :, None],
+                                           mask=o_ok[None, None, :] & (mc[None, :, None] < MO), other=0.0).to(DT)
+                            Bo = tl.dot(tl.reshape(osg, (NG, 32, MOC)), osel, acc=Bo)
+                        onrm3 = tl.load(KONORM + bh_tok + pos3, mask=ok3, other=0.0).to(tl.float32)
+                        W += Bo * (c_out * onrm3)[:, :, None]
+                    corr = tl.dot(W, qselT)                                                 # (NG, 32, BM)
+                    sT += tl.reshape(corr, (BT, BM))
             sT = _mask_scores_t(sT * qk_scale, pos, hi_c, rows_ok, b, qh, t, qpos,
                                 MASK, smb, smh, smt, sml, MASK_KIND, CAUSAL)
             m_new = tl.maximum(m_i, tl.max(sT, 0))
@@ -329,6 +405,9 @@ def _combine(OPART, LSE, OUT, sob, soh, sot, H, Tq, NSPLIT,
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _CT_CACHE: dict = {}
 _FAST = True
+# sign tiles built two signs per 32-bit word (the MMA register format): 30% fewer instructions per
+# token in an sm_90 compile with triton 3.9, no gain measured on the H100 with triton 3.6 (NOTES)
+_PAIR = 0
 _OOR: dict = {}        # launch key -> groups per iteration that fit in shared memory
 _ONE = {torch.float16: 0x3C00, torch.bfloat16: 0x3F80}
 
@@ -458,21 +537,22 @@ def check_qjl(state, consts, meta, what):
 def _config(B, H, n_mb, L, cuda):
     """Static launch configuration from shapes only (no run-time autotune: CUDA-graph safe).
 
-    H100 (benchmarks/NOTES_kernels.md, v3): 4 groups / 4 warps is best from 16k kv-head-tokens
-    per program up; small problems (B*H*L <= 64k, e.g. B=1 L=4k with 8 kv heads) do better with
-    8 groups / 8 warps (one iteration per split).
+    H100 (benchmarks/NOTES_kernels.md, v3/v4): 4 groups / 4 warps with the per-group query
+    sketches (corr=1) is best from 16k kv-head-tokens per program up (B=1 L=128k: 566 us vs 599
+    for corr=0); small problems (B*H*L <= 64k, e.g. B=1 L=4k with 8 kv heads) do better with
+    8 groups / 8 warps and the per-key correction (one iteration per split; 41.4 us vs 42.3).
     """
     target = 4 * 132 if cuda else 4
     nsplit = max(1, min(triton.cdiv(target, B * H * n_mb), triton.cdiv(L, 256)))
     if not cuda:
-        return dict(ng=2, num_warps=4, nsplit=nsplit)
+        return dict(ng=2, num_warps=4, nsplit=nsplit, corr=0)
     if B * H * L <= 65536:
-        return dict(ng=8, num_warps=8, nsplit=nsplit)
-    return dict(ng=4, num_warps=4, nsplit=nsplit)
+        return dict(ng=8, num_warps=8, nsplit=nsplit, corr=0)
+    return dict(ng=4, num_warps=4, nsplit=nsplit, corr=1)
 
 
 def qjl_attend(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, scale=None, meta=None,
-               nsplit=None, fast=None, num_warps=None, ng=None, maxnreg=None):
+               nsplit=None, fast=None, num_warps=None, ng=None, maxnreg=None, corr=None, pair=None):
     """Fused QJL attention over one layer's cache, after `append` (semantics of reference.attend).
 
     Parameters
@@ -501,6 +581,14 @@ def qjl_attend(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, 
         Warps per split program (default from `_config`).
     ng : int, optional
         32-token groups per loop iteration (default from `_config`).
+    maxnreg : int, optional
+        Register cap per thread (more programs per SM, with spills; no gain measured).
+    corr : {0, 1}, optional
+        Outlier correction: 0 subtracts per-key terms sg_g S^T[idx_g] after one pass over the
+        signs with S q; 1 builds per-group query sketches S q - S[:, idx_g] q[idx_g] and
+        S_out[:, idx_g] q[idx_g] and scores each sign tile once (default from `_config`).
+    pair : bool, optional
+        Build sign tiles two signs per 32-bit word (fp16/bf16, sketch sizes multiples of 32).
 
     Returns
     -------
@@ -569,7 +657,11 @@ def qjl_attend(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, 
                 mt, *ms,
                 opart, lse, sqs,
                 H, Tq, T, LC, chunk, ns, sc * LOG2E, c_in, c_out,
-                NG=ng, num_warps=num_warps, **kw, **({"maxnreg": maxnreg} if maxnreg else {}))
+                NG=ng, CORR=cfg["corr"] if corr is None else int(corr),
+                PAIR=int(bool(_PAIR if pair is None else pair) and kw["ONE"] != 0 and m % 32 == 0
+                         and kw["MC"] % 32 == 0 and (mo == 0 or (mo % 32 == 0 and kw["MOC"] % 32 == 0))),
+                num_warps=num_warps, **kw,
+                **({"maxnreg": maxnreg} if maxnreg else {}))
             break
         except triton.runtime.errors.OutOfResources:
             if ng == 1:

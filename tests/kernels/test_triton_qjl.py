@@ -122,6 +122,7 @@ SMALL = [
     (1, 2, 1, 32, 130, 32, 48, 16, 2, 8, torch.float32, [40, 1, 23], "float", False),
     (1, 1, 2, 48, 100, 32, 32, 0, 0, 2, torch.float16, [33, 1, 30], None, False),
     (1, 2, 2, 32, 100, 32, 32, 16, 4, 2, torch.float32, [33, 1, 1], "float1d", False),
+    (1, 2, 4, 64, 200, 32, 96, 64, 4, 2, torch.float16, [70, 1, 61, 2], None, True),   # paired signs, 3 words
 ]
 
 
@@ -133,9 +134,10 @@ def test_small(case):
 
 
 @needs_kernel
-@pytest.mark.parametrize("kw", [dict(ng=1, fast=False), dict(ng=1), dict(ng=4, nsplit=1)],
-                         ids=["ng1-slow", "ng1", "ng4"])
-@pytest.mark.parametrize("case", SMALL[:2], ids=["fp16-causal", "bf16-bool"])
+@pytest.mark.parametrize("kw", [dict(ng=1, fast=False), dict(ng=1), dict(ng=4, nsplit=1), dict(pair=False),
+                                dict(corr=1), dict(corr=1, pair=False)],
+                         ids=["ng1-slow", "ng1", "ng4", "unpaired", "corr1", "corr1-unpaired"])
+@pytest.mark.parametrize("case", [SMALL[-1], SMALL[1]], ids=["fp16-paired", "bf16-bool"])
 def test_versions(case, kw):
     """Every tile size / decode path against the reference (partial and multi-group tiles)."""
     B, H, G, D, L, R, m, mo, o, vb, dtype, steps, mk, causal = case
@@ -145,7 +147,10 @@ def test_versions(case, kw):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("kw", [dict(ng=1), dict(ng=2), dict(ng=4, num_warps=8), dict(ng=8, num_warps=8),
-                                dict(ng=4, fast=False)], ids=["ng1", "ng2", "ng4w8", "ng8w8", "ng4-slow"])
+                                dict(ng=4, fast=False), dict(ng=4, corr=0), dict(ng=4, corr=1), dict(ng=8, num_warps=8, corr=1),
+                                dict(ng=4, corr=0, pair=True), dict(ng=2, corr=0, pair=True)],
+                         ids=["ng1", "ng2", "ng4w8", "ng8w8", "ng4-slow", "ng4-corr0", "ng4-corr1", "ng8w8-corr1",
+                              "ng4-paired", "ng2-paired"])
 def test_gpu_versions(kw):
     run_case(2, 2, 4, 128, 1200, 128, 256, 128, 8, 2, torch.bfloat16, [700, 1, 300, 1], "bool", False, kw=kw)
 
