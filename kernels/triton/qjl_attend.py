@@ -537,17 +537,18 @@ def check_qjl(state, consts, meta, what):
 def _config(B, H, n_mb, L, cuda):
     """Static launch configuration from shapes only (no run-time autotune: CUDA-graph safe).
 
-    H100 (benchmarks/NOTES_kernels.md, v3/v4): 4 groups / 4 warps with the per-group query
-    sketches (corr=1) is best from 16k kv-head-tokens per program up (B=1 L=128k: 566 us vs 599
-    for corr=0); small problems (B*H*L <= 64k, e.g. B=1 L=4k with 8 kv heads) do better with
-    8 groups / 8 warps and the per-key correction (one iteration per split; 41.4 us vs 42.3).
+    H100, triton 3.6 (benchmarks/RESULTS.md "Attend v4", kernels-v4.json): the per-group query
+    sketches (corr=1) are faster at every size (B=1 L=128k: 549 us vs 596); 4 groups / 4 warps
+    where a kv head's positions are split 16 ways or more (B=1 L>=16k: 549 vs 561 us at 128k),
+    8 groups / 8 warps for small problems and few splits (B=1 L=4k 38.2 vs 42.4 us; B=16 L=16k
+    1040 vs 1087 us).
     """
     target = 4 * 132 if cuda else 4
     nsplit = max(1, min(triton.cdiv(target, B * H * n_mb), triton.cdiv(L, 256)))
     if not cuda:
-        return dict(ng=2, num_warps=4, nsplit=nsplit, corr=0)
-    if B * H * L <= 65536:
-        return dict(ng=8, num_warps=8, nsplit=nsplit, corr=0)
+        return dict(ng=2, num_warps=4, nsplit=nsplit, corr=1)
+    if B * H * L <= 65536 or nsplit < 16:
+        return dict(ng=8, num_warps=8, nsplit=nsplit, corr=1)
     return dict(ng=4, num_warps=4, nsplit=nsplit, corr=1)
 
 
