@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all setup clean
+.PHONY: demo test test-gpu test-all setup clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ demo: $(STAMP)
 # CPU test suite; Triton kernels run in the interpreter, GPU tests skip without CUDA.
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+
+# GPU grid (a CUDA machine): every kernel against the reference. One BLAS thread per process: the
+# CPU-side reference checks otherwise oversubscribe the cores (with pytest-xdist: add -n 15).
+test-gpu: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m gpu tests/kernels
 
 test-all: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "slow or not slow"

@@ -3,9 +3,10 @@
 One program per (batch * kv head, block of query rows, split of positions). Rows are the GQA
 group's query heads times the query tokens, so the query sketch S q is computed once per
 program and shared by the group. A split walks its range of positions: compressed tokens first,
-NG 32-token groups per iteration with tokens on the MMA M side (scores from packed signs, the
-per-group outlier correction as small (32 x o) terms, values dequantized on the fly), then the exact tokens (residual ring + this step's new tokens). Each split writes a
-normalized partial output and its log-sum-exp (base 2); `_combine` merges the splits.
+NG 32-token groups per iteration with tokens on the MMA M side (scores from packed signs with
+the per-group outlier correction, values dequantized on the fly), then the exact tokens (residual
+ring + this step's new tokens). Each split writes a normalized partial output and its log-sum-exp
+(base 2); `_combine` merges the splits.
 
 Lengths come from ``state[0]`` on the device; the grid is sized from static shapes only, so a
 call never syncs with the host and captures in a CUDA graph.
@@ -201,6 +202,12 @@ def _attend_split(
     which equals qjl_scores' S(q mask_in) . sg + S_out(q mask_out) . osg, but the per-group
     terms are (32 x o) instead of (rows x m), so the live registers do not grow with NG.
     S q is computed once and kept in a scratch (L1-resident) so it can be read in m-chunks.
+
+    CORR=1 (v4, the default on CUDA) scores each sign tile once, against per-group query sketches:
+      B_in  (NG, m, BM)  = (S q)^T - S^T[idx_g] @ q[idx_g]^T      batched K=o dots, per m-chunk
+      B_out (NG, mo, BM) = S_out^T[idx_g] @ q[idx_g]^T
+      sT = c_in nrm * (sg_g @ B_in) + c_out onrm * (osg_g @ B_out)
+    PAIR=1 builds the sign tiles as 32-bit words holding two signs (see `_signs_t`).
     """
     bh = tl.program_id(0)
     pid_m = tl.program_id(1)
