@@ -575,8 +575,8 @@ def rotation_attend(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
     cfg = _config(B, H, n_mb, L, q.is_cuda)
     bt = bt or cfg["bt"]
     if BM > 16 and q.is_cuda:
-        # H100, triton 3.6: with 32 or 64 query rows, tiles of 16 or 32 tokens gave NaN / wrong rows
-        # (64 rows; the interpreter is right on the same case), 64-token tiles are right
+        # H100, triton 3.6: with 64-row blocks, tiles of 16 or 32 tokens gave NaN / wrong rows (the
+        # interpreter is right on the same case), 64-token tiles are right; 32-row blocks untested
         bt = max(bt, 64)
     if dims["ck"] or dims["cv"]:
         while dims["block"] % bt:
