@@ -265,15 +265,16 @@ def _attend_split(
             rows = bh_tok + pos
             pos3 = p0 + gi[:, None] * 32 + tk[None, :]                                  # (NG, 32)
             ok3 = pos3 < hi_c
-            if (NO > 0) and (CORR == 1):
-                # per group g, the query sketches themselves: B_in = S q - S[:, idx_g] q[idx_g] and
-                # B_out = S_out[:, idx_g] q[idx_g] ((m, BM) each, built by K=o dots), then one pass over
-                # each sign tile: s = c_in nrm (sg_g @ B_in) + c_out onrm (osg_g @ B_out)
+            if NO > 0:
                 idx = idx_n
                 g_ok = p0 + BT + gi[:, None] * 32 < hi_c
                 idx_n = tl.load(KIDX + (bh * NG_ROWS + (p0 + BT) // 32 + gi[:, None]) * NO + oi[None, :],
                                 mask=(oi[None, :] < NO) & g_ok, other=0).to(tl.int32)  # prefetch
                 o_ok = oi < NO
+            if (NO > 0) and (CORR == 1):
+                # per group g, the query sketches themselves: B_in = S q - S[:, idx_g] q[idx_g] and
+                # B_out = S_out[:, idx_g] q[idx_g] ((m, BM) each, built by K=o dots), then one pass over
+                # each sign tile: s = c_in nrm (sg_g @ B_in) + c_out onrm (osg_g @ B_out)
                 rows3 = bh_tok + pos3
                 qsel = tl.load(q_row[None, None, :] + idx[:, :, None],
                                mask=o_ok[None, :, None] & rows_ok[None, None, :], other=0.0).to(DT)  # (NG, OP, BM)
@@ -304,11 +305,6 @@ def _attend_split(
                 nrm = tl.load(KNORM + rows, mask=tok_ok, other=0.0).to(tl.float32)
                 rawT = tl.zeros([BT, BM], tl.float32)
                 if NO > 0:
-                    idx = idx_n
-                    g_ok = p0 + BT + gi[:, None] * 32 < hi_c
-                    idx_n = tl.load(KIDX + (bh * NG_ROWS + (p0 + BT) // 32 + gi[:, None]) * NO + oi[None, :],
-                                    mask=(oi[None, :] < NO) & g_ok, other=0).to(tl.int32)  # prefetch
-                    o_ok = oi < NO
                     qselT = tl.load(q_row[None, None, :] + idx[:, :, None],
                                     mask=o_ok[None, :, None] & rows_ok[None, None, :], other=0.0).to(tl.float32)
                     A = tl.zeros([NG, 32, OP], tl.float32)
@@ -560,7 +556,7 @@ def _config(B, H, n_mb, L, cuda):
 
 
 def qjl_attend(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, scale=None, meta=None,
-               nsplit=None, fast=None, num_warps=None, ng=None, maxnreg=None, corr=None, pair=None):
+               nsplit=None, fast=None, num_warps=None, ng=None, corr=None, pair=None):
     """Fused QJL attention over one layer's cache, after `append` (semantics of reference.attend).
 
     Parameters
@@ -589,8 +585,6 @@ def qjl_attend(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, 
         Warps per split program (default from `_config`).
     ng : int, optional
         32-token groups per loop iteration (default from `_config`).
-    maxnreg : int, optional
-        Register cap per thread (more programs per SM, with spills; no gain measured).
     corr : {0, 1}, optional
         Outlier correction: 0 subtracts per-key terms sg_g S^T[idx_g] after one pass over the
         signs with S q; 1 builds per-group query sketches S q - S[:, idx_g] q[idx_g] and
@@ -638,6 +632,9 @@ def qjl_attend(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, 
               NBV=D * vb // 8, VSB=_p2(D // vg) * vg * vb // 8, PER=8 // vb,
               BM=BM, BN=32, KC=min(32, DP), MASK_KIND=mask_kind, CAUSAL=bool(is_causal), DT=DT,
               num_stages=2, MC=min(64, MSP), MOC=min(64, MOP), ONE=_ONE.get(dot_dt, 0) if fast else 0)
+    kw["CORR"] = cfg["corr"] if corr is None else int(corr)
+    kw["PAIR"] = int(bool(_PAIR if pair is None else pair) and kw["ONE"] != 0 and m % 32 == 0 and kw["MC"] % 32 == 0
+                     and (mo == 0 or (mo % 32 == 0 and kw["MOC"] % 32 == 0)))
     # a tile that needs more shared memory than the GPU has (it depends on the mask kind, dtype and
     # shapes) is retried with fewer groups per iteration; the working choice is remembered
     def oor_key(ng0=ng):    # built only once a launch has failed (not per call)
@@ -665,11 +662,7 @@ def qjl_attend(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, 
                 mt, *ms,
                 opart, lse, sqs,
                 H, Tq, T, LC, chunk, ns, sc * LOG2E, c_in, c_out,
-                NG=ng, CORR=cfg["corr"] if corr is None else int(corr),
-                PAIR=int(bool(_PAIR if pair is None else pair) and kw["ONE"] != 0 and m % 32 == 0
-                         and kw["MC"] % 32 == 0 and (mo == 0 or (mo % 32 == 0 and kw["MOC"] % 32 == 0))),
-                num_warps=num_warps, **kw,
-                **({"maxnreg": maxnreg} if maxnreg else {}))
+                NG=ng, num_warps=num_warps, **kw)
             break
         except triton.runtime.errors.OutOfResources:
             if ng == 1:
