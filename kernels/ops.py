@@ -114,14 +114,26 @@ def attend(q: Tensor, state: list[Tensor], consts: list[Tensor], k_new: Tensor, 
     if q.dim() != 4 or q.shape[-1] != state[1].shape[-1] or q.shape[1] % state[1].shape[1]:
         raise ValueError(f"qjl::attend: q must be (B, Hq, Tq, D) with Hq a multiple of the cache's "
                          f"{state[1].shape[1]} kv heads and D={state[1].shape[-1]}, got {tuple(q.shape)}")
-    out = ref.attend(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, meta)
-    # same layout as the fake (and the Triton kernel): empty_like(q); HF's q is a transposed view
-    return torch.empty_like(q).copy_(out)
+    return like_fake(q, ref.attend(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, meta))
 
 
 @attend.register_fake
 def _(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, meta):
     return torch.empty_like(q)
+
+
+def like_fake(q: Tensor, out: Tensor) -> Tensor:
+    """`out` in the layout of attend's fake, ``torch.empty_like(q)``: q's shape, dtype and strides.
+
+    Every route of ``qjl::attend`` (CPU reference, CUDA fused kernels, the SDPA fallback) returns
+    through this: Inductor plans the graph with the fake's strides, so a route that returns
+    another layout is an "incorrect fake kernel" (HF's q is a transposed view, (B, T, Hq, D)
+    memory). Returns `out` itself when it already matches, else one copy into that layout.
+    """
+    want = torch.empty_like(q, device="meta")
+    if out.shape == want.shape and out.dtype == want.dtype and out.stride() == want.stride():
+        return out
+    return torch.empty_like(q).copy_(out)
 
 
 # CUDA implementations: Triton kernels (kernels/triton), imported lazily so CPU-only installs work.

@@ -33,16 +33,14 @@ _warned = False
 
 MESSAGE = ("qjl backend: attention over an uncompressed Hugging Face {kind} was compiled unchanged "
            "({n} site(s), first at layer {layer}). To store the cache compressed, pass "
-           "past_key_values=qjl_compile.QJLCache(model.config, max_cache_len=...) or use "
+           "{kw}=qjl_compile.QJLCache(model.config, max_cache_len=...) or use "
            "qjl_compile.compile(model) before generate().")
 
 
 def reset_warning() -> None:
     """Let the next detection warn again (the warning is issued once per process)."""
     global _warned
-    _EMPTY = {torch.tensor, torch.empty, torch.zeros}
-
-_warned = False
+    _warned = False
 
 
 def _is(target, table) -> bool:
@@ -110,5 +108,7 @@ class DetectUncompressedCache:
         if found and not _warned:
             _warned = True
             kind, layer = found[0]
-            warnings.warn(MESSAGE.format(kind=kind, n=len(found), layer=layer), UserWarning, stacklevel=2)
+            from ..compat import cache_kwarg
+            warnings.warn(MESSAGE.format(kind=kind, n=len(found), layer=layer, kw=cache_kwarg()), UserWarning,
+                          stacklevel=2)
         return 0

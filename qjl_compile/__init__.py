@@ -32,7 +32,7 @@ _map_checkout_dirs()
 from .config import QJLConfig  # noqa: E402
 from .cache import QJLCache
 from .backend import qjl_backend  # noqa: E402  (also registers backend "qjl" with Dynamo)
-from .api import compile  # noqa: E402,A001
+from .api import compile, uncompile  # noqa: E402,A001
 
-__all__ = ["QJLConfig", "QJLCache", "compile", "qjl_backend"]
+__all__ = ["QJLConfig", "QJLCache", "compile", "uncompile", "qjl_backend"]
 __version__ = "0.1.0"

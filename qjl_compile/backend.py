@@ -104,6 +104,7 @@ def qjl_backend(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
     name = f"graph{next(_graph_ids)}"
     ctx = run_passes(gm, p["passes"], graph_name=name, observer=observer)
     log.debug("qjl backend: %s sites %s", name, list(ctx.sites.values()))
+    report_unfused(gm, ctx)
     lowering = p["lowering"]
     if lowering == "eager":
         return gm.forward
@@ -112,6 +113,61 @@ def qjl_backend(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, 
         return lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
     return compile_fx(gm, example_inputs, config_patches=p["inductor"] or None)
+
+
+# reason prefix (as the fusion pass records it) -> the fix to name
+_FIXES = (
+    ("no mask over the full static length", "let transformers build the static-length mask (pass attention_mask, "
+                                            "or use generate / qjl_compile.compile)"),
+    ("dropout_p", "call model.eval() (the fused op has no dropout)"),
+    ("both attn_mask and is_causal", "pass either an attention mask or is_causal, not both"),
+)
+
+
+def _fix_for(reason: str) -> str:
+    for prefix, fix in _FIXES:
+        if reason.startswith(prefix):
+            return fix
+    return ("use attn_implementation='sdpa' with a standard Llama-family attention; if it is one, report the "
+            "graph (qjl-compile inspect) to qjl-compile")
+
+
+def report_unfused(gm: fx.GraphModule, ctx) -> int:
+    """Warn once per reason if attention over a QJLCache stays unfused in `gm` after the passes.
+
+    Two signs: a site fed by ``qjl.dequantize`` that the fusion pass left unchanged (its reason is
+    recorded), and a ``qjl.dequantize`` still in the graph whose K/V feed no SDPA (they leave the
+    graph at a graph break, or feed an attention that is not SDPA, e.g. attn_implementation='eager').
+    Either way that attention runs over full-precision dequantized K/V: correct, not compiled to
+    ``qjl.attend``. Returns the number of such sites/nodes; counter ``qjl/unfused``.
+    """
+    from .diagnostics import warn_once
+    from .passes.fx_utils import is_qjl_op
+    from .passes.manager import bump
+
+    found = []
+    for site in ctx.sites.values():
+        if site.matched.startswith("qjl.dequantize") and not site.became.startswith("qjl.attend"):
+            found.append((site.layer, site.reason or "left unchanged by the fusion pass"))
+    fused_sites = any(site.became.startswith("qjl.attend") for site in ctx.sites.values())
+    left = [n for n in gm.graph.nodes if is_qjl_op(n, "dequantize")]
+    if left and len(left) > len(found):
+        # dequantize nodes that no skipped site accounts for: their K/V go somewhere other than SDPA
+        why = ("the dequantized K/V leave this graph or feed an attention that is not scaled_dot_product_attention "
+               "(a graph break between QJLCache.update and the attention, or attn_implementation='eager')")
+        found += [(None, why)] * (len(left) - len(found))
+    if not found:
+        return 0
+    bump("unfused", len(found))
+    for layer, reason in dict.fromkeys(found):
+        fix = _fix_for(reason) if not reason.startswith("the dequantized K/V") else (
+            "use attn_implementation='sdpa' and remove graph breaks around the attention (TORCH_LOGS=graph_breaks "
+            "shows them)")
+        warn_once(f"backend:{reason}", (
+            f"qjl backend: attention over a QJLCache is not fused in {ctx.graph_name} (first at layer {layer}"
+            f"{'' if fused_sites else ', no attention of this graph fused'}): {reason}. It runs over dequantized "
+            f"full-precision K/V (correct, but not the compiled qjl.attend). Fix: {fix}."), stacklevel=2)
+    return len(found)
 
 
 def _register() -> None:

@@ -11,6 +11,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.utils import is_torchdynamo_compiling
 
+from . import diagnostics
 from .config import QJLConfig
 from .kernels import reference as ref
 from .kernels import ops  # noqa: F401  (registers torch.ops.qjl)
@@ -58,6 +59,13 @@ def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def kv_heads_of(config) -> int | None:
+    return getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
+
+
+_BUILD_FIX = "build the cache from the model that uses it: QJLCache(model.config, max_cache_len=...)"
+
+
 class QJLLayer(CacheLayerMixin):
     """One attention layer's compressed cache. State layout: kernels/reference.py."""
 
@@ -65,10 +73,12 @@ class QJLLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, cfg: QJLConfig, layer_idx: int, max_cache_len: int, head_dim: int):
+    def __init__(self, cfg: QJLConfig, layer_idx: int, max_cache_len: int, head_dim: int,
+                 kv_heads: int | None = None):
         super().__init__()
         cfg.check_head_dim(head_dim)
         self.cfg, self.layer_idx, self.max_cache_len, self.head_dim = cfg, layer_idx, max_cache_len, head_dim
+        self.kv_heads = kv_heads  # from the config the cache was built for (None: not checked)
         self.codec, self.consts, params = _codec_setup(cfg, layer_idx, head_dim)
         self.meta = [self.codec.id, cfg.residual, max_cache_len, *params]
         self.state: list[torch.Tensor] = []
@@ -78,7 +88,12 @@ class QJLLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         B, H, _, D = key_states.shape
         if D != self.head_dim:
-            raise ValueError(f"layer {self.layer_idx}: key head_dim {D} != config head_dim {self.head_dim}")
+            raise ValueError(f"QJLCache layer {self.layer_idx} got keys with head_dim {D}, but the cache was built "
+                             f"for head_dim {self.head_dim} (its sketches are sized for it): a cache made for another "
+                             f"model? {_BUILD_FIX}")
+        if self.kv_heads is not None and H != self.kv_heads:
+            raise ValueError(f"QJLCache layer {self.layer_idx} got keys with {H} key/value heads, but the cache was "
+                             f"built for a config with {self.kv_heads}: a cache made for another model? {_BUILD_FIX}")
         self.consts = [c.to(self.device) for c in self.consts]
         self.state = ref.make_state(self.codec, B, H, self.max_cache_len, D, self.cfg.residual, self.consts,
                                     self.meta[3:], self.dtype, self.cfg.torch_side_dtype, self.device)
@@ -99,6 +114,12 @@ class QJLLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         T = key_states.shape[-2]
         if not is_torchdynamo_compiling():
+            if diagnostics.in_compiled_step():
+                diagnostics.warn_once("eager-update", (
+                    f"qjl_compile: QJLCache.update (layer {self.layer_idx}) ran eagerly inside the qjl-compiled "
+                    "decode step: Dynamo did not trace it (graph break or skipped frame; TORCH_LOGS=graph_breaks "
+                    "says where), so this attention is computed over dequantized K/V, uncompiled. Fix: remove "
+                    "the graph break (e.g. hooks or prints in the attention), or report it to qjl-compile."))
             if self.seen + T > self.max_cache_len:
                 raise ValueError(f"QJLCache overflow at layer {self.layer_idx}: {self.seen} tokens stored + {T} new "
                                  f"> max_cache_len={self.max_cache_len}. Create the cache with a larger "
@@ -183,12 +204,45 @@ class QJLCache(Cache):
         self.qjl_config = qjl_config or QJLConfig.for_model(config)
         self.max_cache_len = max_cache_len
         d = head_dim_of(config)
-        layers = [QJLLayer(self.qjl_config, i, max_cache_len, d) for i in range(config.num_hidden_layers)]
+        kv = kv_heads_of(config)
+        layers = [QJLLayer(self.qjl_config, i, max_cache_len, d, kv) for i in range(config.num_hidden_layers)]
         super().__init__(layers=layers)
         self.model_config = config
         if batch_size is not None and device is not None and dtype is not None:
-            kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
             self.early_initialization(batch_size, kv, d, dtype, torch.device(device))
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if not 0 <= layer_idx < len(self.layers):
+            raise ValueError(f"QJLCache has {len(self.layers)} layers (built from a config with num_hidden_layers="
+                             f"{len(self.layers)}) but attention layer {layer_idx} wrote to it: the cache was made "
+                             f"for another model. Fix: {_BUILD_FIX}")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def check_model(self, config) -> None:
+        """Raise ValueError if this cache was built for a model shaped unlike `config` (layers, heads, head_dim)."""
+        got = (len(self.layers), kv_heads_of(config), head_dim_of(config))
+        have = (len(self.layers), self.layers[0].kv_heads, self.layers[0].head_dim) if self.layers else got
+        n = getattr(config, "num_hidden_layers", got[0])
+        if n != len(self.layers) or (have[1] is not None and got[1] != have[1]) or got[2] != have[2]:
+            raise ValueError(f"QJLCache built for {len(self.layers)} layers x {have[1]} kv heads x head_dim {have[2]} "
+                             f"used with a model of {n} layers x {got[1]} kv heads x head_dim {got[2]}. Fix: "
+                             f"{_BUILD_FIX}")
+
+    # -- host-side length (no device sync): eager updates count it, and so does qjl_compile's compiled step
+    def host_length(self) -> int:
+        """Tokens stored, as the host knows them (eager updates and `qjl_compile.compile`'s compiled steps)."""
+        return self.layers[0].seen if self.layers else 0
+
+    def check_room(self, T: int) -> None:
+        """Raise ValueError before anything is written if `T` more tokens do not fit."""
+        n = self.host_length()
+        if n + T > self.max_cache_len:
+            raise ValueError(f"QJLCache overflow: {n} tokens stored + {T} new > max_cache_len={self.max_cache_len}. "
+                             f"Create the cache with a larger max_cache_len (or call cache.reset()).")
+
+    def advance_host_length(self, n: int) -> None:
+        for l in self.layers:
+            l.seen = n
 
     # transformers 5.x before 5.16's removal keeps a read-only, deprecated `Cache.max_cache_len`
     # property; own the attribute so __init__ can set it on every version.

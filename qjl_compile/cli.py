@@ -219,6 +219,7 @@ def _trace(model, phase: str, qcfg, args, out: Path, recorder_sites: list, files
 
     from .backend import qjl_backend
     from .cache import QJLCache
+    from .compat import cache_kwargs
 
     cfg = model.config
     T, B = args.prompt_len, args.batch
@@ -233,10 +234,10 @@ def _trace(model, phase: str, qcfg, args, out: Path, recorder_sites: list, files
     step = torch.compile(model, backend=functools.partial(qjl_backend, options={"lowering": "eager"}, observer=rec))
     with torch.no_grad():
         if phase == "prefill":
-            step(ids[:, :T], past_key_values=cache)
+            step(ids[:, :T], **cache_kwargs(cache))
         else:
-            model(ids[:, :T], past_key_values=cache)  # eager prefill, as generate() does
-            step(ids[:, T:T + 1], past_key_values=cache)
+            model(ids[:, :T], **cache_kwargs(cache))  # eager prefill, as generate() does
+            step(ids[:, T:T + 1], **cache_kwargs(cache))
     torch._dynamo.reset()
     recorder_sites += rec.sites
     files += rec.files

@@ -31,8 +31,10 @@ def _prompt_ids(tok, max_doc_tokens: int) -> torch.Tensor:
 
 
 def _generate(model, ids, cache, max_new_tokens):
+    from .compat import cache_kwargs  # cache= or past_key_values=, as the installed transformers spells it
+
     with torch.inference_mode():
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
+        out = model.generate(ids, **cache_kwargs(cache), max_new_tokens=max_new_tokens, do_sample=False,
                              temperature=None, top_p=None, top_k=None)
     return out[0, ids.shape[1]:]
 

@@ -42,6 +42,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .compat import cache_kwargs
+
 CacheFactory = Callable[[object, int], object]  # (model, max_cache_len) -> Cache (or None = DynamicCache)
 
 
@@ -75,7 +77,7 @@ def _prefill(model, ids: torch.Tensor, factory: CacheFactory | None, max_len: in
         if cache is not exact:
             _fill_from(cache, exact, model.config.num_hidden_layers)
         return cache, logits
-    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     return cache, out.logits[:, -1].float()
 
 
@@ -83,7 +85,7 @@ def _prefill(model, ids: torch.Tensor, factory: CacheFactory | None, max_len: in
 def shared_prefill(model, ids: torch.Tensor):
     """(DynamicCache, last-position logits) of an exact prefill, to fill other caches from."""
     cache = exact_cache(model, ids.shape[1])
-    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     return cache, out.logits[:, -1].float()
 
 
@@ -118,7 +120,7 @@ def score_window(model, ids: torch.Tensor, factory: CacheFactory | None = None, 
     off = 0
     for s in range(P, W - 1, chunk):
         e = min(s + chunk, W - 1)
-        out = model(ids[:, s:e], past_key_values=cache, use_cache=True)
+        out = model(ids[:, s:e], **cache_kwargs(cache), use_cache=True)
         lp = torch.log_softmax(out.logits[0].float(), dim=-1)            # (e-s, V)
         tgt = ids[0, s + 1:e + 1]
         nll.append(-lp.gather(-1, tgt[:, None])[:, 0])
@@ -277,7 +279,7 @@ def greedy_answer(model, prompt: NeedlePrompt, factory: CacheFactory | None, max
     chunk over the (compressed) cache, then one token at a time over it."""
     Lc, Lq = prompt.context.shape[1], prompt.question.shape[1]
     cache, _ = _prefill(model, prompt.context, factory, Lc + Lq + max_new_tokens, shared)
-    out = model(prompt.question, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(prompt.question, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     toks = []
     for i in range(max_new_tokens):
         nxt = out.logits[0, -1].argmax()
@@ -286,7 +288,7 @@ def greedy_answer(model, prompt: NeedlePrompt, factory: CacheFactory | None, max
         eos = eos if isinstance(eos, (list, tuple)) else [eos]
         if int(nxt) in eos or i == max_new_tokens - 1:
             break
-        out = model(nxt.view(1, 1), past_key_values=cache, use_cache=True)
+        out = model(nxt.view(1, 1), **cache_kwargs(cache), use_cache=True)
     return toks
 
 

@@ -74,8 +74,11 @@ def _attend_cuda(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, me
     if fn is None or q.shape[2] * G > MAX_FUSED_ROWS:
         # the fused kernels are decode kernels (a few query rows per kv head); long chunks (chunked
         # prefill) and codecs without a kernel take SDPA over the device-side dequantization
-        return ref.attend_nosync(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, meta)
-    return fn(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, meta)
+        out = ref.attend_nosync(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, meta)
+    else:
+        out = fn(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, meta)
+    # every route returns the fake's layout (empty_like(q)), or Inductor rejects the op (issue 14)
+    return ops.like_fake(q, out)
 
 
 def register_cuda() -> bool:

@@ -4,6 +4,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from qjl_compile import QJLCache, QJLConfig
+from qjl_compile.compat import cache_kwargs
 
 HUGE = QJLConfig(sketch_dim=8192, sketch_dim_initial=8192, outlier_sketch_dim=4096,
                  outlier_sketch_dim_initial=4096, value_bits=8, residual=32)
@@ -20,10 +21,10 @@ def decode(model, cache, ids, steps):
     """Prefill then greedy decode driven by the fp16 reference tokens; returns per-step logits."""
     out = []
     with torch.no_grad():
-        logits = model(ids, past_key_values=cache).logits[:, -1:]
+        logits = model(ids, **cache_kwargs(cache)).logits[:, -1:]
         out.append(logits)
         for t in steps:
-            out.append(model(t, past_key_values=cache).logits[:, -1:])
+            out.append(model(t, **cache_kwargs(cache)).logits[:, -1:])
     return torch.cat(out, 1)
 
 
@@ -33,11 +34,11 @@ def test_logits_close_to_fp16_cache(kv):
     ids = torch.randint(0, 256, (2, 45))
     ref_cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        ref0 = model(ids, past_key_values=ref_cache).logits[:, -1:]
+        ref0 = model(ids, **cache_kwargs(ref_cache)).logits[:, -1:]
         steps, cur = [], ref0.argmax(-1)
         for _ in range(24):  # crosses the R=32 flush boundary
             steps.append(cur)
-            cur = model(cur, past_key_values=ref_cache).logits[:, -1:].argmax(-1)
+            cur = model(cur, **cache_kwargs(ref_cache)).logits[:, -1:].argmax(-1)
     ref_logits = decode(model, DynamicCache(config=model.config), ids, steps)
     tight = decode(model, QJLCache(model.config, 128, HUGE), ids, steps)
     loose = decode(model, QJLCache(model.config, 128, QJLConfig.for_model(model.config, residual=32)), ids, steps)
@@ -53,8 +54,8 @@ def test_prefill_is_exact():
     model = tiny()
     ids = torch.randint(0, 256, (1, 100))  # longer than R: stored compressed, attended exactly
     with torch.no_grad():
-        a = model(ids, past_key_values=QJLCache(model.config, 128, QJLConfig(residual=32))).logits
-        b = model(ids, past_key_values=DynamicCache(config=model.config)).logits
+        a = model(ids, **cache_kwargs(QJLCache(model.config, 128, QJLConfig(residual=32)))).logits
+        b = model(ids, **cache_kwargs(DynamicCache(config=model.config))).logits
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
@@ -63,12 +64,12 @@ def test_generate_and_reuse_after_reset():
     ids = torch.randint(0, 256, (1, 20))
     cache = QJLCache(model.config, 64, HUGE)
     kw = dict(max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(ids))
-    a = model.generate(ids, past_key_values=cache, **kw)
+    a = model.generate(ids, **cache_kwargs(cache), **kw)
     ref = model.generate(ids, **kw)
     assert torch.equal(a, ref)
     cache.reset()
     assert int(cache.get_seq_length()) == 0
-    b = model.generate(ids, past_key_values=cache, **kw)
+    b = model.generate(ids, **cache_kwargs(cache), **kw)
     assert torch.equal(a, b)
 
 
@@ -76,12 +77,12 @@ def test_generate_to_exactly_max_cache_len_then_overflow():
     model = tiny()
     ids = torch.randint(0, 256, (1, 20))
     cache = QJLCache(model.config, 32, QJLConfig(residual=32))
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=13, do_sample=False,
+    out = model.generate(ids, **cache_kwargs(cache), max_new_tokens=13, do_sample=False,
                          attention_mask=torch.ones_like(ids))
     assert out.shape[1] == 33 and int(cache.get_seq_length()) == 32  # last token is not fed back
     with torch.no_grad(), pytest.raises(ValueError, match="max_cache_len=32"):
-        model(out[:, -1:], past_key_values=cache)
-        model(out[:, -1:], past_key_values=cache)
+        model(out[:, -1:], **cache_kwargs(cache))
+        model(out[:, -1:], **cache_kwargs(cache))
 
 
 def test_memory_report_counts_buffers():
@@ -125,7 +126,7 @@ def test_dtype_mismatch_is_refused():
     model = tiny()
     cache = QJLCache(model.config, 64, batch_size=1, device="cpu", dtype=torch.float16)
     with torch.no_grad(), pytest.raises(ValueError, match="dtype"):
-        model(torch.randint(0, 256, (1, 4)), past_key_values=cache)
+        model(torch.randint(0, 256, (1, 4)), **cache_kwargs(cache))
 
 
 def test_presets_scale_with_model():
@@ -142,10 +143,10 @@ def test_decoquant_in_the_same_cache(bits):
     cfg = QJLConfig(method="decoquant", decoquant_bits=bits, residual=32)
     ref_cache, cache = DynamicCache(config=model.config), QJLCache(model.config, 128, cfg)
     with torch.no_grad():
-        model(ids, past_key_values=ref_cache), model(ids, past_key_values=cache)
+        model(ids, **cache_kwargs(ref_cache)), model(ids, **cache_kwargs(cache))
         x = ids[:, -1:]
-        a = model(x, past_key_values=cache).logits
-        b = model(x, past_key_values=ref_cache).logits
+        a = model(x, **cache_kwargs(cache)).logits
+        b = model(x, **cache_kwargs(ref_cache)).logits
     err = ((a - b).abs().max() / b.abs().max()).item()
     assert err < (0.02 if bits == 8 else 0.2), err
     mem = cache.memory()

@@ -15,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import qjl_compile
 from qjl_compile import QJLCache, QJLConfig
+from qjl_compile.compat import cache_kwargs, output_cache
 
 LAYERS = 2
 CFG = QJLConfig(sketch_dim=128, sketch_dim_initial=256, initial_layers=1, outlier_sketch_dim=64,
@@ -50,9 +51,9 @@ def _run(fwd, prefill_fwd, model, ids, steps, early_init=False):
     cache = QJLCache(model.config, max_cache_len=L, qjl_config=CFG, **kw)
     out = []
     with torch.no_grad():
-        out.append(prefill_fwd(ids, past_key_values=cache).logits[:, -1:])
+        out.append(prefill_fwd(ids, **cache_kwargs(cache)).logits[:, -1:])
         for t in steps:
-            out.append(fwd(t, past_key_values=cache).logits[:, -1:])
+            out.append(fwd(t, **cache_kwargs(cache)).logits[:, -1:])
     return torch.cat(out, 1)
 
 
@@ -115,11 +116,11 @@ def test_inductor_cpu_in_place_append(model):
     cache = QJLCache(model.config, max_cache_len=L, qjl_config=CFG, batch_size=1, device="cpu", dtype=torch.float32)
     out = []
     with torch.no_grad():
-        out.append(model(ids, past_key_values=cache).logits[:, -1:])
-        res, codes = run_and_get_code(lambda: step(steps[0], past_key_values=cache))
+        out.append(model(ids, **cache_kwargs(cache)).logits[:, -1:])
+        res, codes = run_and_get_code(lambda: step(steps[0], **cache_kwargs(cache)))
         out.append(res.logits)
         for t in steps[1:4]:
-            out.append(step(t, past_key_values=cache).logits)
+            out.append(step(t, **cache_kwargs(cache)).logits)
     got = torch.cat(out, 1)
     diff = (got - ref).abs().max().item()
     print(f"inductor vs eager: max |logit diff| = {diff:.3g} over 4 decode steps")
@@ -148,13 +149,13 @@ def test_inductor_cpu_in_place_append(model):
 def test_generate_after_qjl_compile(model):
     ids, _ = _tokens()
     cache = QJLCache(model.config, max_cache_len=64, qjl_config=CFG)
-    ref = model.generate(ids, max_new_tokens=STEPS, do_sample=False, past_key_values=cache, output_scores=True,
+    ref = model.generate(ids, max_new_tokens=STEPS, do_sample=False, **cache_kwargs(cache), output_scores=True,
                          return_dict_in_generate=True)
     m = qjl_compile.compile(tiny(), CFG, options={"lowering": "aot_eager"})
     try:
         out = m.generate(ids, max_new_tokens=STEPS, do_sample=False, output_scores=True, return_dict_in_generate=True)
-        assert isinstance(out.past_key_values, QJLCache)
-        assert out.past_key_values.max_cache_len == 64  # prompt 40 + 20 new - 1, rounded up to R = 32
+        assert isinstance(output_cache(out), QJLCache)
+        assert output_cache(out).max_cache_len == 64  # prompt 40 + 20 new - 1, rounded up to R = 32
         assert torch.equal(out.sequences, ref.sequences)
         diff = max((a - b).abs().max().item() for a, b in zip(out.scores, ref.scores))
         assert diff < ATOL
@@ -175,12 +176,12 @@ def test_hf_compile_config_backend_qjl(model):
 
     ids, _ = _tokens()
     ref = model.generate(ids, max_new_tokens=8, do_sample=False,
-                         past_key_values=QJLCache(model.config, max_cache_len=64, qjl_config=CFG))
+                         **cache_kwargs(QJLCache(model.config, max_cache_len=64, qjl_config=CFG)))
     m = tiny()
     cc = CompileConfig(backend="qjl", mode=None, fullgraph=True, options={"lowering": "aot_eager"})
     cc._compile_all_devices = True  # transformers auto-compiles only on accelerators otherwise
     out = m.generate(ids, max_new_tokens=8, do_sample=False, compile_config=cc,
-                     past_key_values=QJLCache(m.config, max_cache_len=64, qjl_config=CFG))
+                     **cache_kwargs(QJLCache(m.config, max_cache_len=64, qjl_config=CFG)))
     assert torch.equal(out, ref)
     assert counters["qjl"]["fuse_attention"] == LAYERS
 

@@ -6,6 +6,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import qjl_compile
 from qjl_compile import QJLCache, QJLConfig
+from qjl_compile.compat import cache_kwargs
 
 # m >> d and 8-bit values: the compressed path is numerically close to exact, so greedy tokens
 # must equal the fp16 cache's and any mix-up (padding, beams, stale entries) shows as a mismatch.
@@ -36,7 +37,7 @@ def test_left_padding_batch_matches_fp16(model):
     ids, am = left_padded()
     kw = dict(attention_mask=am, max_new_tokens=12, do_sample=False)
     ref = model.generate(ids, **kw)
-    out = model.generate(ids, past_key_values=QJLCache(model.config, 64, HUGE), **kw)
+    out = model.generate(ids, **cache_kwargs(QJLCache(model.config, 64, HUGE)), **kw)
     assert torch.equal(out, ref)
 
 
@@ -44,7 +45,7 @@ def test_beam_search_reorders_the_cache(model):
     ids, am = left_padded()
     kw = dict(attention_mask=am, max_new_tokens=10, do_sample=False, num_beams=3)
     ref = model.generate(ids, **kw)
-    out = model.generate(ids, past_key_values=QJLCache(model.config, 64, HUGE), **kw)
+    out = model.generate(ids, **cache_kwargs(QJLCache(model.config, 64, HUGE)), **kw)
     assert torch.equal(out, ref)
 
 
@@ -54,15 +55,29 @@ def test_sampling_same_seed_same_tokens(model):
     torch.manual_seed(3)
     ref = model.generate(ids, **kw)
     torch.manual_seed(3)
-    out = model.generate(ids, past_key_values=QJLCache(model.config, 64, HUGE), **kw)
+    out = model.generate(ids, **cache_kwargs(QJLCache(model.config, 64, HUGE)), **kw)
     assert torch.equal(out, ref)
 
 
 def test_assisted_decoding_is_refused_with_the_fix(model):
+    """Plain generate: our crop() refuses, or (transformers >= 5.2x) transformers itself refuses first
+    because the cache says it is not croppable; after qjl_compile.compile ours refuses up front."""
     ids, am = left_padded()
-    with pytest.raises(ValueError, match="assisted/speculative decoding is not supported"):
-        model.generate(ids[1:], attention_mask=am[1:], past_key_values=QJLCache(model.config, 64, HUGE),
+    cache = QJLCache(model.config, 64, HUGE)
+    assert cache.is_croppable is False
+    with pytest.raises(ValueError, match="assisted/speculative decoding is not supported|requires a cache that "
+                                         "can be cropped"):
+        model.generate(ids[1:], attention_mask=am[1:], **cache_kwargs(cache),
                        assistant_model=model, max_new_tokens=8, do_sample=False)
+    m = qjl_compile.compile(model, HUGE, options={"lowering": "aot_eager"})
+    try:
+        for kw in ({}, cache_kwargs(QJLCache(model.config, 64, HUGE))):
+            with pytest.raises(ValueError, match="assisted/speculative decoding is not supported.*without an "
+                                                 "assistant model"):
+                m.generate(ids[1:], attention_mask=am[1:], assistant_model=model, max_new_tokens=8,
+                           do_sample=False, **kw)
+    finally:
+        qjl_compile.uncompile(model)
 
 
 def test_compiled_generate_left_padding_and_reuse(model):
@@ -75,6 +90,5 @@ def test_compiled_generate_left_padding_and_reuse(model):
         b = m.generate(ids, **kw)  # the cache is reset and reused, not stale
         assert torch.equal(a, ref) and torch.equal(b, ref)
     finally:
-        del model.generation_config.compile_config
-        model.__dict__.pop("_prepare_cache_for_generation", None)
-        model.__dict__.pop("_compiled_call", None)
+        qjl_compile.uncompile(model)
+    assert "forward" not in model.__dict__ and "generate" not in model.__dict__

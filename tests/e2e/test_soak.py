@@ -8,6 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qjl_compile import QJLCache, QJLConfig
+from qjl_compile.compat import cache_kwargs
 
 STEPS = int(os.environ.get("QJL_SOAK_STEPS", "2000"))
 WARM = min(200, STEPS // 4)
@@ -34,13 +35,13 @@ def test_soak_compiled_decode_matches_eager():
     ids = torch.randint(0, 256, (1, 40))
     worst, mem, t0 = 0.0, {}, time.time()
     with torch.no_grad():
-        model(ids, past_key_values=eager_cache)
-        model(ids, past_key_values=comp_cache)  # prefill eager, as generate does
+        model(ids, **cache_kwargs(eager_cache))
+        model(ids, **cache_kwargs(comp_cache))  # prefill eager, as generate does
         tok = ids[:, -1:]
         for i in range(STEPS):
             pos = torch.tensor([[40 + i]])
-            a = model(tok, past_key_values=eager_cache, position_ids=pos, cache_position=pos[0]).logits
-            b = step(tok, past_key_values=comp_cache, position_ids=pos, cache_position=pos[0]).logits
+            a = model(tok, **cache_kwargs(eager_cache), position_ids=pos, cache_position=pos[0]).logits
+            b = step(tok, **cache_kwargs(comp_cache), position_ids=pos, cache_position=pos[0]).logits
             worst = max(worst, ((a - b).abs().max() / a.abs().max()).item())
             tok = a[:, -1:].argmax(-1)
             if i in (WARM, STEPS - 1):

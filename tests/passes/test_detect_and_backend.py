@@ -14,6 +14,7 @@ from qjl_compile.backend import parse_options, qjl_backend
 from qjl_compile.passes import PassManager, run_passes, select_passes
 from qjl_compile.passes import detect_uncompressed
 from qjl_compile.passes.fx_utils import is_qjl_op, is_sdpa
+from qjl_compile.compat import cache_kwargs
 
 
 def tiny(layers=2):
@@ -39,8 +40,8 @@ def _compile_steps(model, cache, ids):
     step = torch.compile(model, backend=functools.partial(qjl_backend, options={"lowering": "eager"}, observer=obs),
                          fullgraph=True)
     with torch.no_grad():
-        a = step(ids, past_key_values=cache).logits
-        b = step(ids[:, :1], past_key_values=cache).logits
+        a = step(ids, **cache_kwargs(cache)).logits
+        b = step(ids[:, :1], **cache_kwargs(cache)).logits
     return graphs, torch.cat([a[:, -1:], b], 1)
 
 
@@ -63,8 +64,8 @@ def test_uncompressed_caches_warn_once_and_compile_unchanged():
             assert graphs[0] == graphs[1] and graphs[2] == graphs[3], name
             with torch.no_grad():
                 c = make()
-                ref = torch.cat([model(ids, past_key_values=c).logits[:, -1:],
-                                 model(ids[:, :1], past_key_values=c).logits], 1)
+                ref = torch.cat([model(ids, **cache_kwargs(c)).logits[:, -1:],
+                                 model(ids[:, :1], **cache_kwargs(c)).logits], 1)
             torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
             out[name] = logits
     msgs = [str(w.message) for w in rec if "uncompressed Hugging Face" in str(w.message)]

@@ -17,6 +17,7 @@ from qjl_compile import QJLCache, QJLConfig
 from qjl_compile.backend import qjl_backend
 from qjl_compile.cache import QJLLayer
 from qjl_compile.passes.fx_utils import is_qjl_op, is_sdpa, val
+from qjl_compile.compat import cache_kwargs
 
 CFG = QJLConfig(sketch_dim=128, sketch_dim_initial=128, outlier_sketch_dim=64, outlier_sketch_dim_initial=64,
                 residual=32)
@@ -242,8 +243,8 @@ def test_llama_decode_graph_every_layer():
     cap = Capture()
     step = torch.compile(model, backend=cap.backend, fullgraph=True)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
-        step(ids[:, :1], past_key_values=cache)
+        model(ids, **cache_kwargs(cache))
+        step(ids[:, :1], **cache_kwargs(cache))
     (gm, sites), = cap.graphs
     assert counters["qjl"]["fuse_attention"] == 3
     assert len(_ops(gm, "attend")) == 3 and len(_ops(gm, "append")) == 3 and not _ops(gm, "dequantize")
