@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .. import reference as ref
+from ..checks import check_attend, check_qjl, mask_args  # noqa: F401  (re-exported for the codecs)
 
 LOG2E = 1.4426950408889634
 
@@ -439,32 +440,6 @@ def sketch_t(S: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return hit[1]
 
 
-def mask_args(attn_mask, q):
-    """(kind, tensor, strides) of an attention mask for the attend kernels, without copying it.
-
-    kind: 0 none, 1 bool (True = attend), 2 additive float, 3 / 4 the same with one value per
-    position shared by every query row (decode with HF's (B, 1, 1, L) mask): loaded once per tile
-    of positions instead of once per (row, position). Broadcast dims get stride 0; a bool mask is
-    reinterpreted as uint8 (a view), never materialized at (B, Hq, Tq, L).
-    """
-    B, Hq, Tq = q.shape[0], q.shape[1], q.shape[2]
-    if attn_mask is None:
-        return 0, q, (0, 0, 0, 0)
-    if attn_mask.device != q.device:
-        raise ValueError(f"attend: attn_mask on {attn_mask.device}, q on {q.device}")
-    am = attn_mask.view(torch.uint8) if attn_mask.dtype == torch.bool else attn_mask
-    while am.dim() < 4:
-        am = am.unsqueeze(0)
-    am = am.expand(B, Hq, Tq, am.shape[-1])
-    ms = tuple(am.stride())
-    if am.shape[-1] == 1:
-        ms = ms[:3] + (0,)
-    kind = 1 if attn_mask.dtype == torch.bool else 2
-    if ms[1] == 0 and (Tq == 1 or ms[2] == 0):
-        kind += 2
-    return kind, am, ms
-
-
 def prepare(consts, dtype: torch.dtype) -> None:
     """Fill the sketch_t cache for QJL `consts` (see kernels.triton.prepare)."""
     for S in consts:
@@ -479,62 +454,6 @@ def check_device(*ts, what="qjl triton"):
         if t is not None and not t.is_cuda and not _interpret():
             raise ValueError(f"{what}: tensors must be on a CUDA device (or set TRITON_INTERPRET=1), "
                              f"got {t.device}")
-
-
-def check_attend(q, state, k_new, v_new, B, H, D, what):
-    """Shared checks of an attend launcher's inputs; returns (q, k_new, v_new, Tq, T, G) with q and
-    the new tokens made contiguous in D."""
-    if q.dim() != 4 or q.shape[0] != B or q.shape[-1] != D or q.shape[1] % H:
-        raise ValueError(f"{what}: q must be (B={B}, Hq, Tq, D={D}) with Hq a multiple of H={H}, "
-                         f"got {tuple(q.shape)}")
-    if q.dtype not in _TL or k_new.dtype != state[1].dtype or v_new.dtype != state[1].dtype:
-        raise ValueError(f"{what}: q dtype {q.dtype} must be fp16/bf16/fp32 and k_new/v_new match the "
-                         f"ring's {state[1].dtype}")
-    if k_new.shape != v_new.shape or k_new.dim() != 4 or tuple(k_new.shape[:2]) != (B, H) or k_new.shape[3] != D:
-        raise ValueError(f"{what}: k_new/v_new must be (B={B}, H={H}, T, D={D}), got "
-                         f"{tuple(k_new.shape)} / {tuple(v_new.shape)}")
-    rk, rv = state[1], state[2]
-    if rk.stride(-1) != 1 or rk.stride() != rv.stride():
-        raise ValueError(f"{what}: ring buffers must be contiguous in D and share strides")
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    if k_new.stride(-1) != 1 or v_new.stride() != k_new.stride():
-        k_new, v_new = k_new.contiguous(), v_new.contiguous()
-    return q, k_new, v_new, q.shape[2], k_new.shape[2], q.shape[1] // H
-
-
-def check_qjl(state, consts, meta, what):
-    """Shared checks of a QJL layer state; returns (B, H, R, D, L, m, mo, o, vb, vg, LC)."""
-    if int(meta[0]) != 0:
-        raise NotImplementedError(f"{what}: this is the QJL (codec 0) kernel, got codec {meta[0]} "
-                                  "(kernels/triton KERNELS dispatches by codec)")
-    if len(meta) != 6:
-        raise ValueError(f"{what}: QJL meta must be [0, R, L, o, value_bits, value_group], got {list(meta)}")
-    if len(state) != 11 or len(consts) != 2:
-        raise ValueError(f"{what}: QJL state has 11 tensors and consts 2, got {len(state)} and {len(consts)}")
-    _, R, L, o, vb, vg = (int(x) for x in meta)
-    rk = state[1]
-    B, H, Rr, D = rk.shape
-    m, mo = consts[0].shape[0], consts[1].shape[0]
-    if Rr != R or R % 32:
-        raise ValueError(f"{what}: ring has {Rr} slots but meta R={R} (must match, multiple of 32)")
-    if D % 16 or D > 256 or D % vg or vg < 8 or vg & (vg - 1):
-        raise ValueError(f"{what}: head_dim={D} must be a multiple of 16 <= 256 and divisible by "
-                         f"value_group={vg} (a power of two >= 8)")
-    if m % 8 or m < 16 or mo % 8 or (mo and mo < 16) or vb not in (2, 4, 8) or o > min(D - 1, 64):
-        raise ValueError(f"{what}: need m, m_out multiples of 8 (>= 16 or m_out=0), value_bits in "
-                         f"(2, 4, 8), o < head_dim; got m={m}, m_out={mo}, value_bits={vb}, o={o}")
-    if consts[0].shape[1] != D or consts[1].shape[-1] != D and mo:
-        raise ValueError(f"{what}: sketches must be (m, {D}), got {tuple(consts[0].shape)} / {tuple(consts[1].shape)}")
-    LC = L // R * R
-    expect = [(B, H, LC, m // 8), (B, H, LC), (B, H, LC, mo // 8), (B, H, LC), (B, H, LC // 32, o),
-              (B, H, LC, D * vb // 8), (B, H, LC, D // vg), (B, H, LC, D // vg)]
-    for i, (tns, shp) in enumerate(zip(state[3:], expect)):
-        if tuple(tns.shape) != shp or not tns.is_contiguous():
-            raise ValueError(f"{what}: state[{i + 3}] must be contiguous {shp}, got {tuple(tns.shape)} "
-                             f"(contiguous={tns.is_contiguous()})")
-    if state[2].shape != rk.shape or state[0].numel() != 1:
-        raise ValueError(f"{what}: state[0] must be a scalar length and state[2] match state[1]")
-    return B, H, R, D, L, m, mo, o, vb, vg, LC
 
 
 def _config(B, H, n_mb, L, cuda):

@@ -1,0 +1,113 @@
+"""CUDA C++ QJL decode attention vs the Triton kernel vs bf16 SDPA, with launch variants.
+
+Llama-3-8B attention shape (32 q / 8 kv heads, d=128), bf16, decode q_len=1, the QJL "reference"
+preset past the initial layers (m=256, m_out=128, o=8, 2-bit values, R=128). CUDA-graph replay,
+L2 flushed, medians of CUDA events (benchmarks/timer.py).
+
+    python benchmarks/attend_cuda.py [--sizes 1x4096,1x32768,1x131072,16x16384] [--out results/x.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernels import D, DTYPE, H, HQ, fill, qjl_bytes, qjl_setup  # noqa: E402
+from timer import bench, copy_bandwidth, env_header  # noqa: E402
+
+from qjl_compile.config import QJLConfig  # noqa: E402
+from qjl_compile.kernels import reference as ref  # noqa: E402
+
+
+def rows_for(B, L, copy_gbs, variants):
+    from qjl_compile.kernels.cuda.qjl import qjl_attend_cuda
+    from qjl_compile.kernels.triton.qjl_append import qjl_append_
+    from qjl_compile.kernels.triton.qjl_attend import qjl_attend
+    out = []
+    q = torch.randn(B, HQ, 1, D, device="cuda", dtype=DTYPE)
+    k = torch.randn(B, H, L, D, device="cuda", dtype=DTYPE)
+    v = torch.randn_like(k)
+    qg = q.reshape(B, H, HQ // H, D)
+    kvb = 2 * B * H * L * D * 2
+    ms_g = bench(lambda: F.scaled_dot_product_attention(qg, k, v), graph=True)
+    ms_e = bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), graph=True)
+    ms_sdpa = min(ms_g, ms_e)     # the faster of grouped query rows and enable_gqa (backends differ by size)
+    out.append(dict(B=B, L=L, impl="sdpa bf16", us=ms_sdpa * 1e3, MB=kvb / 1e6, pct_copy=100 * kvb / ms_sdpa / 1e6 / copy_gbs,
+                    speedup=1.0, err=0.0))
+    del k, v
+    torch.cuda.empty_cache()
+    cfg = QJLConfig.preset("reference", head_dim=D)
+    st, consts, meta = qjl_setup(B, L, cfg)
+    fill(st, consts, meta, L - 1)
+    k1 = torch.randn(B, H, 1, D, device="cuda", dtype=DTYPE)
+    v1 = torch.randn_like(k1)
+    qjl_append_(st, consts, k1, v1, meta)
+    nb = qjl_bytes(st, L, B)
+    want = None
+    if B * L <= 16 * 16384:
+        want = ref.attend(q, st, consts, k1, v1, None, True, None, meta).float()
+
+    def err(o):
+        return float("nan") if want is None else ((o.float() - want).norm() / want.norm()).item()
+
+    cands = [("triton v4", lambda: qjl_attend(q, st, consts, k1, v1, None, True, None, meta))]
+    for name, kw in variants:
+        cands.append((f"cuda {name}", lambda kw=kw: qjl_attend_cuda(q, st, consts, k1, v1, None, True, None, meta, **kw)))
+    for name, fn in cands:
+        o = fn()
+        e = err(o)
+        ms = bench(fn, graph=True)
+        out.append(dict(B=B, L=L, impl=name, us=ms * 1e3, MB=nb / 1e6, pct_copy=100 * nb / ms / 1e6 / copy_gbs,
+                        speedup=ms_sdpa / ms, err=e))
+    del st
+    torch.cuda.empty_cache()
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1x4096,1x32768,1x131072,16x16384")
+    ap.add_argument("--variants", default="default;sqsmem=0;ns=16;ns=32;ns=128;minb=3;minb=4", help="';'-separated launch variants")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    variants = []
+    for v in a.variants.split(";"):
+        kw = {}
+        for tok in v.split():
+            if tok == "default":
+                continue
+            key, val = tok.split("=")
+            if key == "nw":
+                kw["num_warps"] = int(val)
+            elif key == "ns":
+                kw["nsplit"] = int(val)
+            elif key == "sqsmem":
+                kw["sq_smem"] = int(val)
+            elif key == "minb":
+                kw["min_blocks"] = int(val)
+            else:
+                raise SystemExit(f"unknown variant key {key!r} (nw, ns, minb)")
+        variants.append((v, kw))
+    print(env_header())
+    copy_gbs = copy_bandwidth()
+    print(f"copy bandwidth {copy_gbs:.0f} GB/s")
+    rows = []
+    for s in a.sizes.split(","):
+        B, L = (int(x) for x in s.split("x"))
+        rows += rows_for(B, L, copy_gbs, variants)
+    from tabulate import tabulate
+    print(tabulate([[r["B"], r["L"], r["impl"], f"{r['us']:.1f}", f"{r['MB']:.1f}", f"{r['pct_copy']:.0f}%",
+                     f"{r['speedup']:.2f}x", f"{r['err']:.1e}"] for r in rows],
+                   headers=["B", "L", "impl", "us", "MB read", "% copy bw", "vs SDPA", "rel err"]))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(dict(env=env_header(), copy_gbs=copy_gbs, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Launcher of the CUDA C++ QJL decode attention (kernels/cuda/qjl_decode.cu).
+
+Three launches per call, all sized from static shapes (CUDA-graph safe, no host sync):
+``qjl_prep`` (S q per query row as 16-bit fixed point in fragment order), ``qjl_split`` (one CTA
+per (batch * kv head, split), each warp its own partial softmax; the last split takes the exact
+tokens) and ``qjl_combine``. The fragment K order is `mma_perm`; the sketch columns used by the
+outlier correction are stored in it once per sketch (`sketch_planes`).
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+
+import torch
+
+from .. import reference as ref
+from ..checks import check_attend, check_qjl, mask_args
+from . import available, launch, module
+
+KERNELS = ("qjl_prep", "qjl_split", "qjl_combine")
+LOG2E = 1.4426950408889634
+QSTEP = 32767          # fixed-point range of S q and the sketch columns (two int8 planes)
+_PLANES: dict = {}
+
+
+class Unsupported(NotImplementedError):
+    """The CUDA C++ kernel does not cover this call; the message says why (the caller falls back)."""
+
+
+def mma_perm(m: int) -> list[int]:
+    """Sketch row at each K position of the int8 m16n8k32 fragments (chunk c = k // 32).
+
+    Thread t of a fragment row holds the token's words WPL t .. WPL t + WPL - 1 (WPL = m / 128) and
+    builds its operand registers as (word >> s) & 0x01010101, so K position 4 t + e (+16) of chunk c
+    is bit 8 e + s of word WPL t + c // 4, s = 2 (c % 4) (+1): no bit crosses threads.
+    """
+    if m % 128:
+        raise ValueError(f"mma_perm: m={m} must be a multiple of 128")
+    wpl = m // 128
+    out = []
+    for c in range(m // 32):
+        for kk in range(32):
+            hi, t, e = kk // 16, (kk % 16) // 4, kk % 4
+            out.append(32 * (wpl * t + c // 4) + 8 * e + 2 * (c % 4) + hi)
+    return out
+
+
+def sketch_planes(S: torch.Tensor):
+    """(perm int32 (m,), columns uint8 (D, m/32, 4, 16), column sums int32 (D,), step) for sketch S.
+
+    Columns of S in `mma_perm` order as QSTEP-level fixed point, split into an s8 high and a u8 low
+    plane and laid out as the B operand of m16n8k32 for thread t of a fragment column:
+    16 bytes = (b0 hi, b1 hi, b0 lo, b1 lo). Cached per sketch tensor (sketches are never mutated);
+    `prepare` fills the cache when a layer is allocated, outside any CUDA-graph capture.
+    """
+    key = (S.data_ptr(), S.device, tuple(S.shape))
+    hit = _PLANES.get(key)
+    if hit is not None:
+        return hit[1]
+    m, D = S.shape
+    perm = torch.tensor(mma_perm(m), dtype=torch.long)
+    Sp = S.detach().double().cpu()[perm]                                   # (m, D) in K order
+    step = float(Sp.abs().max()) / QSTEP or 1.0
+    Q = torch.round(Sp / step).clamp(-QSTEP, QSTEP).to(torch.int32)
+    colsum = Q.sum(0).to(torch.int32)
+    hi = (Q >> 8).to(torch.int8).view(torch.uint8)
+    lo = (Q & 255).to(torch.uint8)
+    nch = m // 32
+    planes = torch.stack([hi.T.reshape(D, nch, 2, 4, 4), lo.T.reshape(D, nch, 2, 4, 4)], 2)  # (D, c, plane, half, t, e)
+    planes = planes.permute(0, 1, 4, 2, 3, 5).contiguous()                 # (D, c, t, [plane, half, e])
+    val = (perm.to(torch.int32).to(S.device), planes.to(S.device), colsum.to(S.device), step)
+    _PLANES[key] = (S, val)
+    return val
+
+
+def prepare(consts) -> None:
+    for S in consts:
+        if S.shape[0] and S.shape[0] % 128 == 0:
+            sketch_planes(S)
+
+
+class _Args(ctypes.Structure):
+    _fields_ = ([("q", ctypes.c_void_p)] + [(f"sq{c}", ctypes.c_int64) for c in "bht"]
+                + [("len", ctypes.c_void_p), ("rk", ctypes.c_void_p), ("rv", ctypes.c_void_p)]
+                + [(f"sr{c}", ctypes.c_int64) for c in "bht"]
+                + [("kn", ctypes.c_void_p), ("vn", ctypes.c_void_p)] + [(f"sn{c}", ctypes.c_int64) for c in "bht"]
+                + [(f, ctypes.c_void_p) for f in ("kbits", "knorm", "kobits", "konorm", "kidx", "vcode", "vscale",
+                                                  "vzero", "sqf", "sqsum", "sqsig", "scol", "scsum", "socol",
+                                                  "socsum", "mask")]
+                + [(f"sm{c}", ctypes.c_int64) for c in "bhtl"]
+                + [("opart", ctypes.c_void_p), ("lse", ctypes.c_void_p)]
+                + [(f, ctypes.c_float) for f in ("sig_s", "sig_so", "qk_scale", "c_in", "c_out")]
+                + [(f, ctypes.c_int32) for f in ("H", "G", "Tq", "T", "M", "LC", "chunk", "nsplit", "mask_kind",
+                                                 "causal")])
+
+
+def unsupported(q, state, consts, meta) -> str:
+    """Why `qjl_attend_cuda` cannot take this call ("" if it can). Shapes/dtypes only."""
+    ok, why = available()
+    if not ok:
+        return why
+    if not q.is_cuda:
+        return "q is not on a CUDA device"
+    if torch.cuda.get_device_capability(q.device) < (8, 0):
+        return f"needs compute capability >= 8.0, got {torch.cuda.get_device_capability(q.device)}"
+    _, R, L, o, vb, vg = (int(x) for x in meta)
+    D = state[1].shape[-1]
+    m, mo = consts[0].shape[0], consts[1].shape[0]
+    G = q.shape[1] // state[1].shape[1]
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.dtype != state[1].dtype:
+        return f"q/cache dtype {q.dtype}/{state[1].dtype}: the CUDA kernel takes fp16 or bf16, the same for both"
+    if state[4].dtype != torch.float16:
+        return f"side data in {state[4].dtype}: the CUDA kernel reads fp16 norms/scales (QJLConfig side_dtype)"
+    if G * q.shape[2] > 8:
+        return f"{G * q.shape[2]} query rows per kv head (GQA group x query tokens) > 8"
+    if D not in (64, 128, 256):
+        return f"head_dim {D} not in (64, 128, 256)"
+    if m % 128 or (mo and mo % 128) or (o > 0) != (mo > 0):
+        return f"sketch sizes m={m}, m_out={mo} must be multiples of 128 (m_out = 0 iff no outliers)"
+    if o > 8:
+        return f"{o} outlier channels > 8"
+    if vb not in (2, 4) or (D // 8) * vb // 8 not in (2, 4, 8) or vg % (D // 8):
+        return f"value_bits={vb}, value_group={vg} at head_dim {D} (needs 2/4 bits and groups of >= {D // 8})"
+    return ""
+
+
+def _config(B, H, LC):
+    """Splits so that ~4 CTAs per SM are launched (132 SMs on an H100/H200), >= 128 tokens each."""
+    nw = 4
+    target = 4 * 132
+    nsplit = max(1, min(-(-target // (B * H)), max(1, LC // (32 * nw))))
+    return nw, nsplit
+
+
+def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, scale=None, meta=None,
+                    nsplit=None, num_warps=None, min_blocks=None, sq_smem=None):
+    """Fused QJL decode attention, CUDA C++ (semantics of kernels.reference.attend).
+
+    Parameters
+    ----------
+    q : Tensor
+        (B, Hq, Tq, D) fp16/bf16 on CUDA, Hq = G * H, G * Tq <= 8.
+    state, consts, meta
+        QJL layer state (kernels/reference.py), [S (m, D), S_out (m_out, D)] fp32, [0, R, L, o, vb, vg].
+    k_new, v_new : Tensor
+        (B, H, T, D) this step's tokens, attended exactly.
+    attn_mask : Tensor, optional
+        Bool (True = attend) or additive float, broadcastable to (B, Hq, Tq, L).
+    is_causal : bool
+        Without a mask, query i sees positions <= length - Tq + i.
+    scale : float, optional
+        Score scale, default 1/sqrt(D).
+    nsplit, num_warps : int, optional
+        Launch overrides (default `_config`).
+    min_blocks : int, optional
+        ``__launch_bounds__`` minimum resident CTAs per SM (caps registers; default 1).
+    sq_smem : bool, optional
+        Keep the S q fragments in shared memory (default) instead of registers.
+
+    Returns
+    -------
+    Tensor
+        (B, Hq, Tq, D) in q's dtype, laid out like ``torch.empty_like(q)``.
+
+    Raises
+    ------
+    Unsupported
+        With the reason, when the shapes/dtypes are outside what the kernel covers (`unsupported`).
+    """
+    B, H, R, D, L, m, mo, o, vb, vg, LC = check_qjl(state, consts, meta, "qjl_attend_cuda")
+    q, k_new, v_new, Tq, T, G = check_attend(q, state, k_new, v_new, B, H, D, "qjl_attend_cuda")
+    why = unsupported(q, state, consts, meta)
+    if why:
+        raise Unsupported(why)
+    M = G * Tq
+    if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != torch.float32:
+        attn_mask = attn_mask.float()        # the kernel reads fp32 additive masks (a copy of the unexpanded mask)
+    kind, mt, ms = mask_args(attn_mask, q)
+    nw, ns = _config(B, H, LC)
+    nw = num_warps or nw
+    ns = nsplit or ns
+    step = 32 * nw
+    per = -(-LC // ns)
+    chunk = max(step, -(-per // step) * step)
+    ns = max(1, -(-LC // chunk))
+    causal = bool(is_causal) and attn_mask is None
+    defines = dict(D=D, MS=m, MO=mo, NO=o, VB=vb, VG=vg, RR=R, NW=nw, QDT=int(q.dtype == torch.bfloat16),
+                   MK=kind, CAUSAL=int(causal), CAUSAL_C=int(causal and T < Tq))
+    if min_blocks:
+        defines["MINB"] = int(min_blocks)
+    if sq_smem is not None:
+        defines["SQ_SMEM"] = int(sq_smem)
+    fns = module("qjl_decode", defines, KERNELS, q.device)
+    perm, scol, scsum, sig_s = sketch_planes(consts[0])
+    if mo:
+        _, socol, socsum, sig_so = sketch_planes(consts[1])
+    else:
+        socol, socsum, sig_so = scol, scsum, 1.0
+    BH = B * H
+    dev = q.device
+    nch = m // 32
+    sqf = torch.empty(BH * nch * 32 * 16, dtype=torch.uint8, device=dev)
+    sqsum = torch.empty(BH * 8, dtype=torch.int32, device=dev)
+    sqsig = torch.empty(BH * 8, dtype=torch.float32, device=dev)
+    nslot = ns + 1
+    opart = torch.empty(BH * nslot * 8 * D, dtype=torch.float32, device=dev)
+    lse = torch.empty(BH * nslot * 8, dtype=torch.float32, device=dev)
+    out = torch.empty_like(q)
+    stream = torch.cuda.current_stream(dev)
+    P, I64, I32, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+    launch(fns["qjl_prep"], (BH,), (256,),
+           [P(q.data_ptr()), *(I64(s) for s in q.stride()[:3]), P(consts[0].data_ptr()), P(perm.data_ptr()),
+            P(sqf.data_ptr()), P(sqsum.data_ptr()), P(sqsig.data_ptr()), I32(H), I32(G), I32(Tq), I32(M)], stream)
+    rk, rv = state[1], state[2]
+    sc = float(scale) if scale is not None else 1.0 / math.sqrt(D)
+    a = _Args(q.data_ptr(), *q.stride()[:3], state[0].data_ptr(), rk.data_ptr(), rv.data_ptr(), *rk.stride()[:3],
+              k_new.data_ptr(), v_new.data_ptr(), *k_new.stride()[:3],
+              *(t.data_ptr() for t in state[3:11]),
+              sqf.data_ptr(), sqsum.data_ptr(), sqsig.data_ptr(), scol.data_ptr(), scsum.data_ptr(),
+              socol.data_ptr(), socsum.data_ptr(), mt.data_ptr(), *ms,
+              opart.data_ptr(), lse.data_ptr(),
+              sig_s, sig_so, sc * LOG2E, ref.qjl_const(m, D), ref.qjl_const(mo, D) if mo else 0.0,
+              H, G, Tq, T, M, LC, chunk, ns, kind, int(causal))
+    launch(fns["qjl_split"], (BH, ns + 1), (nw * 32,), [a], stream)
+    launch(fns["qjl_combine"], (BH, M), (D,),
+           [P(opart.data_ptr()), P(lse.data_ptr()), P(out.data_ptr()), *(I64(s) for s in out.stride()[:3]),
+            I32(H), I32(G), I32(Tq), I32(M), I32(nslot)], stream)
+    return out

@@ -1,0 +1,610 @@
+// Decode attention over the QJL-compressed cache (codec 0), CUDA C++ for sm_80+ (tuned on sm_90).
+//
+// Compiled by NVRTC at first use (kernels/cuda/__init__.py) with the shapes as macros:
+//   D head_dim, MS / MO sketch rows (inlier / outlier, multiples of 128; MO may be 0), NO outlier
+//   channels (1..8, 0 = none), VB value bits (2, 4), VG value group, RR residual window, NW warps
+//   per CTA, QDT 0 fp16 / 1 bf16 (q, ring and new tokens), MK mask kind, CAUSAL (exact part) and
+//   CAUSAL_C (compressed part: only when fewer new tokens than queries). Side data is fp16.
+//
+// Why it looks like this (benchmarks/NOTES_kernels.md section 6): the Triton kernels unpacked every
+// code into an MMA operand through shared memory (~190 warp-instructions per compressed token, the
+// byte floor allows ~25). Here each thread turns its own 32-bit words into MMA fragments in
+// registers:
+//   * keys: tokens on the MMA M side, sign bits as u8 0/1 (one SHF + LOP3 per 4 signs), the query
+//     sketch S q as a 16-bit fixed-point number in two int8 planes (hi s8, lo u8), int8 mma.sync
+//     m16n8k32: <S q, sign> = 2 sum_k b_k Q_k - sum_k Q_k, exact in int32. The K order of the
+//     fragments is chosen so that no bit moves between threads; S q (prep kernel) and the sketch
+//     columns (Python, once per layer) are stored in that order.
+//   * outliers (per 32-token group g, channels idx_g): the same sign fragments times the sketch
+//     columns S[:, idx_g] (B operand, n = 8 channels) give T_jc = <S[:, c], sign_j>; the score is
+//     c_in n_j (<S q, sign_j> - sum_c q_c T_jc) + c_out on_j sum_c q_c To_jc, the last sums one
+//     m16n8k8 fp16 MMA whose A operand is the T accumulator re-packed in place (same layout).
+//   * values: codes -> fp16 by the 0x6400 magic (LOP3) and one FMA that removes it exactly, then
+//     scale/zero (HFMA2); P goes from the score accumulator to the B operand by movmatrix.
+// One CTA per (batch*kv head, split); each warp walks its own 32-token groups with its own online
+// softmax and writes a partial (o, lse); split index nsplit handles the exact tokens (ring + new).
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef unsigned short u16;
+typedef unsigned char u8;
+typedef long long i64;
+#define INFINITY __int_as_float(0x7f800000)
+
+#ifndef NW
+#define NW 4
+#endif
+#define NCH (MS / 32)
+#define WPL (MS / 128)
+#define NCHO (MO / 32)
+#define WPLO (MO / 128)
+#define CPL (D / 8)             // value channels per lane group (g)
+#define CB (CPL * VB / 8)       // code bytes per lane group and token
+#define NT (D / 16)             // value M-tiles
+#define EPL (D / 32)            // channels per lane in the exact part
+
+__device__ __forceinline__ float h2f(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+__device__ __forceinline__ float b2f(u16 h) { return __uint_as_float(((u32)h) << 16); }
+#if QDT == 0
+__device__ __forceinline__ float q2f(u16 h) { return h2f(h); }
+__device__ __forceinline__ u16 f2q(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+#else
+__device__ __forceinline__ float q2f(u16 h) { return b2f(h); }
+__device__ __forceinline__ u16 f2q(float f) { u16 h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+#endif
+__device__ __forceinline__ u16 f2h(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    u32 r; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r;
+}
+__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
+    u32 r; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r;
+}
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) {
+    u32 r; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(s)); return r;
+}
+__device__ __forceinline__ u32 movt(u32 x) {
+    u32 y; asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x)); return y;
+}
+__device__ __forceinline__ void mma_us(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_uu(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_h16(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_h8(float (&c)[4], u32 a0, u32 a1, u32 b0) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(b0));
+}
+
+struct Args {
+    const u16* q; i64 sqb, sqh, sqt;
+    const i64* len;
+    const u16* rk; const u16* rv; i64 srb, srh, srt;
+    const u16* kn; const u16* vn; i64 snb, snh, snt;
+    const u8* kbits; const u16* knorm; const u8* kobits; const u16* konorm; const u8* kidx;
+    const u8* vcode; const u16* vscale; const u16* vzero;
+    const uint4* sqf;        // (BH, NCH, 32) S q planes in B-fragment order (prep kernel)
+    const int* sqsum;        // (BH, 8) sum_k Q_k per row
+    const float* sqsig;      // (BH, 8) fixed-point step per row
+    const uint4* scol;       // (D, NCH, 4) sketch columns, B-fragment order
+    const int* scsum;        // (D) column sums of the quantized sketch
+    const uint4* socol;      // (D, NCHO, 4) outlier sketch columns
+    const int* socsum;
+    const void* mask; i64 smb, smh, smt, sml;
+    float* opart; float* lse;
+    float sig_s, sig_so, qk_scale, c_in, c_out;
+    int H, G, Tq, T, M, LC, chunk, nsplit, mask_kind, causal;
+};
+
+// MK (mask kind, compile time): 0 none (CAUSAL: query i sees positions <= n - Tq + i), 1 bool per
+// (row, pos), 2 additive fp32 per (row, pos), 3 bool per pos, 4 additive fp32 per pos (HF's decode
+// mask (B, 1, 1, L)). Scores are in log2 units; -inf where row r must not see position pos.
+#define LOG2E_F 1.4426950408889634f
+__device__ __forceinline__ float masked(const Args& a, float s, int b, int h, int r, int pos, int lim, int n) {
+    if (pos >= lim || r >= a.M) return -INFINITY;
+    const int qh = h * a.G + r / a.Tq, tq = r % a.Tq;
+    if constexpr (MK == 0) { if (CAUSAL && pos > n - a.Tq + tq) return -INFINITY; return s; }
+    else if constexpr (MK == 1) return ((const u8*)a.mask)[b * a.smb + qh * a.smh + tq * a.smt + (i64)pos * a.sml] ? s : -INFINITY;
+    else if constexpr (MK == 2) return s + LOG2E_F * ((const float*)a.mask)[b * a.smb + qh * a.smh + tq * a.smt + (i64)pos * a.sml];
+    else if constexpr (MK == 3) return ((const u8*)a.mask)[b * a.smb + (i64)pos * a.sml] ? s : -INFINITY;
+    else return s + LOG2E_F * ((const float*)a.mask)[b * a.smb + (i64)pos * a.sml];
+}
+
+template <int W>
+__device__ __forceinline__ void load_words(u32 (&w)[W], const u8* p) {
+    if constexpr (W == 1) { w[0] = *(const u32*)p; }
+    else if constexpr (W == 2) { uint2 v = *(const uint2*)p; w[0] = v.x; w[1] = v.y; }
+    else {
+#pragma unroll
+        for (int i = 0; i < W; i += 4) { uint4 v = *(const uint4*)(p + 4 * i); w[i] = v.x; w[i + 1] = v.y; w[i + 2] = v.z; w[i + 3] = v.w; }
+    }
+}
+
+// one chunk c of 32 sketch rows for the 16 tokens of a tile: rows g (words wg) and g+8 (w8)
+#define AFRAG(wg, w8, c)                                                   \
+    const u32 y0 = (wg)[(c) / 4] >> (2 * ((c) % 4)), y8 = (w8)[(c) / 4] >> (2 * ((c) % 4)); \
+    const u32 a0 = y0 & 0x01010101u, a1 = y8 & 0x01010101u;                \
+    const u32 a2 = (y0 >> 1) & 0x01010101u, a3 = (y8 >> 1) & 0x01010101u;
+
+#ifndef MINB
+#define MINB 1
+#endif
+#ifndef SQ_SMEM
+#define SQ_SMEM 1
+#endif
+extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args a) {
+    const int bh = blockIdx.x, sp = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int b = bh / a.H, h = bh % a.H;
+    const int n = (int)a.len[0];
+    const int c1 = n / RR * RR;
+    const int cl = min(c1, n - a.T);
+
+    __shared__ float qf[8][D];
+    __shared__ u16 qhs[8][D];
+    for (int i = threadIdx.x; i < 8 * D; i += NW * 32) {
+        const int r = i / D, d = i % D;
+        float v = 0.f;
+        if (r < a.M) v = q2f(a.q[b * a.sqb + (h * a.G + r / a.Tq) * a.sqh + (r % a.Tq) * a.sqt + d]);
+        qf[r][d] = v;
+        qhs[r][d] = f2h(v);
+    }
+#if SQ_SMEM
+    // S q fragments of this (b, h), shared by the CTA's warps (registers otherwise: SQ_SMEM=0)
+    __shared__ uint4 sqs[NCH][32];
+    for (int i = threadIdx.x; i < NCH * 32; i += NW * 32) sqs[i / 32][i % 32] = a.sqf[(i64)bh * NCH * 32 + i];
+#endif
+    __syncthreads();
+
+    // every warp leaves its (m, l, unnormalized acc) here; the CTA merges them into one partial
+    __shared__ float wm[NW][8], wl[NW][8];
+    __shared__ float wo[NW][8][D];
+    __shared__ float wp[NW][8][32];
+    const int nslot = a.nsplit + 1;
+
+    if (sp == a.nsplit) {
+        // exact tokens [cl, n): residual ring below n - T, this step's tokens from n - T. One token
+        // per lane for the scores, one channel slice per lane for P V (through shared memory).
+        float m_i[8], l_i[8], acc[8][EPL];
+#pragma unroll
+        for (int r = 0; r < 8; ++r) { m_i[r] = -INFINITY; l_i[r] = 0.f;
+#pragma unroll
+            for (int e = 0; e < EPL; ++e) acc[r][e] = 0.f; }
+        const int n_old = n - a.T;
+        for (int base = max(cl, 0) + 32 * warp; base < n; base += 32 * NW) {
+            const int pos = base + lane;
+            const bool ok = pos < n;
+            const u16* kp = pos < n_old ? a.rk + b * a.srb + h * a.srh + (i64)(pos - c1) * a.srt
+                                        : a.kn + b * a.snb + h * a.snh + (i64)(min(pos, n - 1) - n_old) * a.snt;
+            float s[8];
+#pragma unroll
+            for (int r = 0; r < 8; ++r) s[r] = 0.f;
+#pragma unroll 4
+            for (int d = 0; d < D; d += 8) {
+                const uint4 kv = ok ? *(const uint4*)(kp + d) : make_uint4(0, 0, 0, 0);
+                const u32 w[4] = {kv.x, kv.y, kv.z, kv.w};
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    const float kf = q2f((u16)(w[e / 2] >> (16 * (e & 1))));
+#pragma unroll
+                    for (int r = 0; r < 8; ++r) s[r] += qf[r][d + e] * kf;
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < 8; ++r) {
+                if (r >= a.M) break;
+                const float sv = ok ? masked(a, s[r] * a.qk_scale, b, h, r, pos, n, n) : -INFINITY;
+                float mx = sv;
+#pragma unroll
+                for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+                const float mn = fmaxf(m_i[r], mx);
+                const float mu = mn == -INFINITY ? 0.f : mn;
+                const float al = exp2f(m_i[r] - mu), p = exp2f(sv - mu);
+                float sum = p;
+#pragma unroll
+                for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+                l_i[r] = l_i[r] * al + sum;
+                m_i[r] = mn;
+#pragma unroll
+                for (int e = 0; e < EPL; ++e) acc[r][e] *= al;
+                wp[warp][r][lane] = p;
+            }
+            __syncwarp();
+            const int cnt = min(32, n - base);
+            for (int jj = 0; jj < cnt; ++jj) {
+                const int pj = base + jj;
+                const u16* vp = pj < n_old ? a.rv + b * a.srb + h * a.srh + (i64)(pj - c1) * a.srt
+                                           : a.vn + b * a.snb + h * a.snh + (i64)(pj - n_old) * a.snt;
+                float vv[EPL];
+#pragma unroll
+                for (int e = 0; e < EPL; ++e) vv[e] = q2f(vp[lane * EPL + e]);
+#pragma unroll
+                for (int r = 0; r < 8; ++r) {
+                    if (r >= a.M) break;
+                    const float p = wp[warp][r][jj];
+#pragma unroll
+                    for (int e = 0; e < EPL; ++e) acc[r][e] += p * vv[e];
+                }
+            }
+            __syncwarp();
+        }
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+#pragma unroll
+            for (int e = 0; e < EPL; ++e) wo[warp][r][lane * EPL + e] = acc[r][e];
+            if (lane == 0) { wm[warp][r] = m_i[r]; wl[warp][r] = l_i[r]; }
+        }
+    } else {
+    // ---- compressed tokens [lo, hi) of this split ----
+    const int lo = sp * a.chunk;
+    const int hi = min(lo + a.chunk, cl);
+    float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
+    float acc[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+
+    if (lo + warp * 32 < hi) {
+#if SQ_SMEM
+#define SQF(c) sqs[c][lane]
+#else
+        uint4 sqf[NCH];
+#pragma unroll
+        for (int c = 0; c < NCH; ++c) sqf[c] = a.sqf[((i64)bh * NCH + c) * 32 + lane];
+#define SQF(c) sqf[c]
+#endif
+        const int sq0 = a.sqsum[bh * 8 + 2 * t], sq1 = a.sqsum[bh * 8 + 2 * t + 1];
+        const float sg0 = a.sqsig[bh * 8 + 2 * t], sg1 = a.sqsig[bh * 8 + 2 * t + 1];
+        // this (b, h)'s rows of every buffer, and this lane's fixed offsets in them
+        const i64 tb = (i64)bh * a.LC;
+        const u8* kbits = a.kbits + tb * (MS / 8) + g * (MS / 8) + 4 * WPL * t;      // token p + g
+        const u16* knorm = a.knorm + tb + g;
+#if MO > 0
+        const u8* kobits = a.kobits + tb * (MO / 8) + g * (MO / 8) + 4 * WPLO * t;
+        const u16* konorm = a.konorm + tb + g;
+#endif
+#if NO > 0
+        const u8* kidx = a.kidx + (tb / 32) * NO;
+        const uint4* scol = a.scol + t;
+#if MO > 0
+        const uint4* socol = a.socol + t;
+#endif
+#endif
+        const int vgrp = (CPL * g) / VG;                // this lane group's value scale group
+        const u8* vcode = a.vcode + (tb + 2 * t) * (D * VB / 8) + CB * g;             // token p + 2t
+        const u16* vscale = a.vscale + (tb + 2 * t) * (D / VG) + vgrp;
+        const u16* vzero = a.vzero + (tb + 2 * t) * (D / VG) + vgrp;
+#if MK == 1 || MK == 2
+        i64 mrow[2];
+#endif
+#if CAUSAL_C
+        int qpos[2];
+#endif
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int r = min(2 * t + j, a.M - 1);
+#if MK == 1 || MK == 2
+            mrow[j] = b * a.smb + (h * a.G + r / a.Tq) * a.smh + (r % a.Tq) * a.smt;
+#endif
+#if CAUSAL_C
+            qpos[j] = n - a.Tq + r % a.Tq;
+#endif
+        }
+
+        for (int g0 = lo + warp * 32; g0 < hi; g0 += NW * 32) {
+            const bool tail = g0 + 32 > hi;             // warp-uniform: only the last group is partial
+            // value codes and scales of both tiles first, so their latency overlaps the scoring.
+            // This lane's tokens p+2t, p+2t+1, p+2t+8, p+2t+9: code bytes of lane group g
+            u32 cwt[2][4][(CB + 3) / 4], sct[2][2], zrt[2][2];
+#pragma unroll
+            for (int tt = 0; tt < 2; ++tt) {
+                const int p = g0 + 16 * tt;
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const u8* cp = vcode + (p + (k & 1) + 8 * (k >> 1)) * (D * VB / 8);
+                    if constexpr (CB == 2) cwt[tt][k][0] = *(const u16*)cp;
+                    else if constexpr (CB == 4) cwt[tt][k][0] = *(const u32*)cp;
+                    else { const uint2 v = *(const uint2*)cp; cwt[tt][k][0] = v.x; cwt[tt][k][1] = v.y; }
+                }
+#pragma unroll
+                for (int k = 0; k < 2; ++k) {
+                    const int o = (p + 8 * k) * (D / VG);
+                    sct[tt][k] = (u32)vscale[o] | ((u32)vscale[o + D / VG] << 16);
+                    zrt[tt][k] = (u32)vzero[o] | ((u32)vzero[o + D / VG] << 16);
+                }
+            }
+#if NO > 0
+            u64 idx8;
+            if constexpr (NO == 8) idx8 = *(const u64*)(kidx + g0 / 32 * 8);
+            else { idx8 = 0;
+#pragma unroll
+                for (int o = 0; o < NO; ++o) idx8 |= (u64)kidx[g0 / 32 * NO + o] << (8 * o); }
+            const int col = (int)((idx8 >> (8 * g)) & 255);          // B operand column n = g
+            const int ch0 = (int)((idx8 >> (16 * t)) & 255), ch1 = (int)((idx8 >> (16 * t + 8)) & 255);
+            // q at the group's outlier channels: B of the m16n8k8 (k = slots 2t, 2t+1; n = row g)
+            const u32 qsel = (u32)(2 * t < NO ? qhs[g][ch0] : (u16)0) | ((u32)(2 * t + 1 < NO ? qhs[g][ch1] : (u16)0) << 16);
+            const int cs0 = a.scsum[ch0], cs1 = a.scsum[ch1];
+            uint4 bsc[NCH];
+#pragma unroll
+            for (int c = 0; c < NCH; ++c) bsc[c] = scol[(col * NCH + c) * 4];
+#if MO > 0
+            const int co0 = a.socsum[ch0], co1 = a.socsum[ch1];
+            uint4 bso[NCHO];
+#pragma unroll
+            for (int c = 0; c < NCHO; ++c) bso[c] = socol[(col * NCHO + c) * 4];
+#endif
+#endif
+            float s[2][4];
+#pragma unroll
+            for (int tt = 0; tt < 2; ++tt) {
+                const int p = g0 + 16 * tt;
+                u32 wg[WPL], w8[WPL];
+                load_words<WPL>(wg, kbits + p * (MS / 8));
+                load_words<WPL>(w8, kbits + (p + 8) * (MS / 8));
+                const float n0 = h2f(knorm[p]), n8 = h2f(knorm[p + 8]);
+                int rh[4] = {0, 0, 0, 0}, rl[4] = {0, 0, 0, 0};
+#if NO > 0
+                int th[4] = {0, 0, 0, 0}, tl[4] = {0, 0, 0, 0};
+#endif
+#pragma unroll
+                for (int c = 0; c < NCH; ++c) {
+                    AFRAG(wg, w8, c)
+                    const uint4 bq = SQF(c);
+                    mma_us(rh, a0, a1, a2, a3, bq.x, bq.y);
+                    mma_uu(rl, a0, a1, a2, a3, bq.z, bq.w);
+#if NO > 0
+                    mma_us(th, a0, a1, a2, a3, bsc[c].x, bsc[c].y);
+                    mma_uu(tl, a0, a1, a2, a3, bsc[c].z, bsc[c].w);
+#endif
+                }
+                float corr[4] = {0.f, 0.f, 0.f, 0.f};
+#if NO > 0
+                float W[4];
+                const float ci0 = -a.c_in * a.sig_s * n0, ci8 = -a.c_in * a.sig_s * n8;
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    W[e] = (e < 2 ? ci0 : ci8) * (float)(2 * (th[e] * 256 + tl[e]) - ((e & 1) ? cs1 : cs0));
+#if MO > 0
+                {
+                    u32 og[WPLO], o8[WPLO];
+                    load_words<WPLO>(og, kobits + p * (MO / 8));
+                    load_words<WPLO>(o8, kobits + (p + 8) * (MO / 8));
+                    int oh[4] = {0, 0, 0, 0}, ol[4] = {0, 0, 0, 0};
+#pragma unroll
+                    for (int c = 0; c < NCHO; ++c) {
+                        AFRAG(og, o8, c)
+                        mma_us(oh, a0, a1, a2, a3, bso[c].x, bso[c].y);
+                        mma_uu(ol, a0, a1, a2, a3, bso[c].z, bso[c].w);
+                    }
+                    const float co_0 = a.c_out * a.sig_so * h2f(konorm[p]), co_8 = a.c_out * a.sig_so * h2f(konorm[p + 8]);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        W[e] += (e < 2 ? co_0 : co_8) * (float)(2 * (oh[e] * 256 + ol[e]) - ((e & 1) ? co1 : co0));
+                }
+#endif
+                mma_h8(corr, pack2(W[0], W[1]), pack2(W[2], W[3]), qsel);
+#endif
+                const float f00 = a.c_in * a.qk_scale * n0 * sg0, f01 = a.c_in * a.qk_scale * n0 * sg1;
+                const float f80 = a.c_in * a.qk_scale * n8 * sg0, f81 = a.c_in * a.qk_scale * n8 * sg1;
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float f = e == 0 ? f00 : e == 1 ? f01 : e == 2 ? f80 : f81;
+                    s[tt][e] = f * (float)(2 * (rh[e] * 256 + rl[e]) - ((e & 1) ? sq1 : sq0)) + corr[e] * a.qk_scale;
+                }
+#if MK == 3 || MK == 4
+#pragma unroll
+                for (int e2 = 0; e2 < 2; ++e2) {
+                    const i64 mo_ = b * a.smb + (i64)(p + g + 8 * e2) * a.sml;
+#if MK == 3
+                    if (!((const u8*)a.mask)[mo_]) s[tt][2 * e2] = s[tt][2 * e2 + 1] = -INFINITY;
+#else
+                    const float mv = LOG2E_F * ((const float*)a.mask)[mo_];
+                    s[tt][2 * e2] += mv; s[tt][2 * e2 + 1] += mv;
+#endif
+                }
+#elif MK == 1 || MK == 2
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const i64 mo_ = mrow[e & 1] + (i64)(p + g + 8 * (e >> 1)) * a.sml;
+#if MK == 1
+                    if (!((const u8*)a.mask)[mo_]) s[tt][e] = -INFINITY;
+#else
+                    s[tt][e] += LOG2E_F * ((const float*)a.mask)[mo_];
+#endif
+                }
+#endif
+#if CAUSAL_C
+#pragma unroll
+                for (int e = 0; e < 4; ++e) if (p + g + 8 * (e >> 1) > qpos[e & 1]) s[tt][e] = -INFINITY;
+#endif
+                if (tail) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) if (p + g + 8 * (e >> 1) >= hi) s[tt][e] = -INFINITY;
+                }
+            }
+            // online softmax over the group's 32 tokens; rows 2t + j live on the 8 lanes of equal t
+            float pr[2][4];
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                float mx = fmaxf(fmaxf(s[0][j], s[0][j + 2]), fmaxf(s[1][j], s[1][j + 2]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+                const float mn = fmaxf(m_r[j], mx);
+                const float mu = mn == -INFINITY ? 0.f : mn;
+                const float al = exp2f(m_r[j] - mu);
+                m_r[j] = mn;
+                float sum = 0.f;
+#pragma unroll
+                for (int tt = 0; tt < 2; ++tt) {
+                    pr[tt][j] = exp2f(s[tt][j] - mu);
+                    pr[tt][j + 2] = exp2f(s[tt][j + 2] - mu);
+                    sum += pr[tt][j] + pr[tt][j + 2];
+                }
+                l_r[j] = l_r[j] * al + sum;
+#pragma unroll
+                for (int i = 0; i < NT; ++i) { acc[i][j] *= al; acc[i][j + 2] *= al; }
+            }
+            // values: out^T (D x rows) += V^T (D x tokens) P^T (tokens x rows), per 16-token tile
+#pragma unroll
+            for (int tt = 0; tt < 2; ++tt) {
+                const int p = g0 + 16 * tt;
+                const u32 b0 = movt(pack2(pr[tt][0], pr[tt][1]));   // tokens 2t, 2t+1 of row g
+                const u32 b1 = movt(pack2(pr[tt][2], pr[tt][3]));   // tokens 2t+8, 2t+9
+                const u32 (&cw)[4][(CB + 3) / 4] = cwt[tt];
+                const u32 (&sc2)[2] = sct[tt];
+                const u32 (&zr2)[2] = zrt[tt];
+                u32 af[NT][4];   // A fragments: [tile][a0a1 (ch row g, tok 2t..), a2a3 (row g+8), a4a5 (g, tok 2t+8..), a6a7]
+#pragma unroll
+                for (int beta = 0; beta < CB; ++beta) {
+                    const u32 sel = (beta & 3) | ((beta & 3) << 4) | ((4 + (beta & 3)) << 8) | ((4 + (beta & 3)) << 12);
+#pragma unroll
+                    for (int k = 0; k < 2; ++k) {       // token pair k: (2t, 2t+1) + 8k
+                        const u32 x = prmt(cw[2 * k][beta / 4], cw[2 * k + 1][beta / 4], sel);
+#pragma unroll
+                        for (int j = 0; j < 8 / VB; ++j) {
+                            const u32 msk = (((1u << VB) - 1) << (VB * j)) * 0x00010001u;
+                            const u32 hv = (x & msk) | 0x64006400u;          // 1024 + c * 2^(VB j)
+                            // c = hv * 2^-(VB j) - 1024 * 2^-(VB j), exact (one rounding of an fp16 integer)
+                            const u32 kmul = (u32)(0x3C00 - 0x400 * VB * j) * 0x00010001u;
+                            const u32 kadd = (u32)(0xE400 - 0x400 * VB * j) * 0x00010001u;
+                            const u32 cv = hfma2(hv, kmul, kadd);
+                            const u32 v = hfma2(cv, sc2[k], zr2[k]);
+                            const int u = beta * (8 / VB) + j;         // channel CPL g + u
+                            af[u / 2][(u & 1) + 2 * k] = v;
+                        }
+                    }
+                }
+#pragma unroll
+                for (int i = 0; i < NT; ++i) mma_h16(acc[i], af[i][0], af[i][1], af[i][2], af[i][3], b0, b1);
+            }
+        }
+    }
+    // l over the 8 lanes of equal t; m is already uniform there
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        l_r[j] += __shfl_xor_sync(0xffffffffu, l_r[j], 4);
+        l_r[j] += __shfl_xor_sync(0xffffffffu, l_r[j], 8);
+        l_r[j] += __shfl_xor_sync(0xffffffffu, l_r[j], 16);
+    }
+#pragma unroll
+    for (int i = 0; i < NT; ++i) {
+        const int ch = CPL * g + 2 * i;
+        wo[warp][2 * t][ch] = acc[i][0];
+        wo[warp][2 * t + 1][ch] = acc[i][1];
+        wo[warp][2 * t][ch + 1] = acc[i][2];
+        wo[warp][2 * t + 1][ch + 1] = acc[i][3];
+    }
+    if (g == 0) {
+        wm[warp][2 * t] = m_r[0]; wm[warp][2 * t + 1] = m_r[1];
+        wl[warp][2 * t] = l_r[0]; wl[warp][2 * t + 1] = l_r[1];
+    }
+    }  // compressed split
+    __syncthreads();
+    // merge the warps: one normalized partial and its log-sum-exp (base 2) per CTA
+    float* op = a.opart + ((i64)bh * nslot + sp) * 8 * D;
+    float* ls = a.lse + ((i64)bh * nslot + sp) * 8;
+    for (int i = threadIdx.x; i < 8 * D; i += NW * 32) {
+        const int r = i / D, d = i % D;
+        float mx = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) mx = fmaxf(mx, wm[w][r]);
+        const float mu = mx == -INFINITY ? 0.f : mx;
+        float l = 0.f, o = 0.f;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {
+            const float f = exp2f(wm[w][r] - mu);
+            l += wl[w][r] * f;
+            o += wo[w][r][d] * f;
+        }
+        op[r * D + d] = l > 0.f ? o / l : 0.f;
+        if (d == 0) ls[r] = l > 0.f ? mu + log2f(l) : -INFINITY;
+    }
+}
+
+// S q per query row in the K order of the key fragments, as 16-bit fixed point split into an s8
+// high plane and a u8 low plane, written in B-fragment order: (BH, NCH, 32 lanes) x 16 bytes
+// (b0 hi, b1 hi, b0 lo, b1 lo). perm[k] = sketch row at fragment position k.
+extern "C" __global__ void __launch_bounds__(256) qjl_prep(
+        const u16* q, i64 sqb, i64 sqh, i64 sqt, const float* S, const int* perm,
+        u8* sqf, int* sqsum, float* sqsig, int H, int G, int Tq, int M) {
+    const int bh = blockIdx.x, b = bh / H, h = bh % H;
+    __shared__ float qs[8][D];
+    __shared__ float sq[8][MS];
+    __shared__ float red[8][8];
+    __shared__ int redi[8][8];
+    for (int i = threadIdx.x; i < 8 * D; i += 256) {
+        const int r = i / D, d = i % D;
+        qs[r][d] = r < M ? q2f(q[b * sqb + (h * G + r / Tq) * sqh + (r % Tq) * sqt + d]) : 0.f;
+    }
+    __syncthreads();
+    for (int k = threadIdx.x; k < MS; k += 256) {
+        const float* srow = S + (i64)perm[k] * D;
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        for (int d = 0; d < D; d += 4) {
+            const float4 sv = *(const float4*)(srow + d);
+#pragma unroll
+            for (int r = 0; r < 8; ++r)
+                acc[r] += sv.x * qs[r][d] + sv.y * qs[r][d + 1] + sv.z * qs[r][d + 2] + sv.w * qs[r][d + 3];
+        }
+#pragma unroll
+        for (int r = 0; r < 8; ++r) sq[r][k] = acc[r];
+    }
+    __syncthreads();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    // warp w: row-wise |max| of row w
+    {
+        float mx = 0.f;
+        for (int k = lane; k < MS; k += 32) mx = fmaxf(mx, fabsf(sq[warp][k]));
+#pragma unroll
+        for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        if (lane == 0) red[warp][0] = mx > 0.f ? mx / 32767.f : 1.f;
+    }
+    __syncthreads();
+    {
+        const float sig = red[warp][0];
+        int sum = 0;
+        for (int k = lane; k < MS; k += 32) {
+            const int Q = max(-32767, min(32767, __float2int_rn(sq[warp][k] / sig)));
+            sum += Q;
+            const int c = k / 32, kk = k % 32, tt = (kk % 16) / 4, e = kk % 4, half = kk / 16;
+            u8* base = sqf + (((i64)bh * NCH + c) * 32 + 4 * warp + tt) * 16;
+            base[half * 4 + e] = (u8)(Q >> 8);
+            base[8 + half * 4 + e] = (u8)(Q & 255);
+        }
+#pragma unroll
+        for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        if (lane == 0) { sqsum[bh * 8 + warp] = sum; sqsig[bh * 8 + warp] = sig; }
+    }
+}
+
+// merge the nslot partials of each (b, kv head, row): out (B, Hq, Tq, D) in q's dtype.
+// Grid (B * H, M), D threads.
+extern "C" __global__ void qjl_combine(
+        const float* opart, const float* lse, u16* out, i64 sob, i64 soh, i64 sot,
+        int H, int G, int Tq, int M, int nslot) {
+    const int bh = blockIdx.x, r = blockIdx.y, b = bh / H, h = bh % H, d = threadIdx.x;
+    const float* lp = lse + (i64)bh * nslot * 8 + r;
+    const float* op = opart + ((i64)bh * nslot * 8 + r) * D + d;
+    float mx = -INFINITY;
+    for (int s = 0; s < nslot; ++s) mx = fmaxf(mx, lp[s * 8]);
+    const float mu = mx == -INFINITY ? 0.f : mx;
+    float acc = 0.f, l = 0.f;
+#pragma unroll 8
+    for (int s = 0; s < nslot; ++s) {
+        const float w = exp2f(lp[s * 8] - mu);
+        l += w;
+        acc += w * op[(i64)s * 8 * D];
+    }
+    out[b * sob + (h * G + r / Tq) * soh + (r % Tq) * sot + d] = f2q(l > 0.f ? acc / l : 0.f);
+}
