@@ -12,9 +12,11 @@ and machines without triton keep the reference implementation.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import importlib
 import logging
+import os
 
 import torch
 
@@ -42,6 +44,44 @@ KERNELS = {
     1: ("decoquant", "decoquant_append_", "decoquant", "decoquant_attend"),
     2: ("rotation", "rotation_append_", "rotation", "rotation_attend"),
 }
+
+
+# which implementation served qjl::attend on CUDA (counted per call; tests and benchmarks read it)
+ROUTES: collections.Counter = collections.Counter()
+# codec id -> module of kernels/cuda with `unsupported(q, state, consts, meta)` and the launcher
+CPP_KERNELS = {0: ("qjl", "qjl_attend_cuda")}
+_NOTED: set = set()
+
+
+def attend_kernel_choice() -> str:
+    """``QJL_ATTEND_KERNEL``: "auto" (default: CUDA C++ where it covers the call, else Triton),
+    "triton" (never the CUDA C++ kernel), "cuda" (the CUDA C++ kernel or an error saying why)."""
+    v = os.environ.get("QJL_ATTEND_KERNEL", "auto").strip().lower() or "auto"
+    if v not in ("auto", "triton", "cuda"):
+        raise ValueError(f"QJL_ATTEND_KERNEL={v!r}: choose auto, triton or cuda")
+    return v
+
+
+def _attend_cpp(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, meta):
+    """The CUDA C++ decode kernel's output, or None (after saying once why) to take Triton."""
+    choice = attend_kernel_choice()
+    spec = CPP_KERNELS.get(int(meta[0]))
+    if choice == "triton":
+        return None
+    if spec is None:
+        why = f"codec {meta[0]} has no CUDA C++ attend kernel yet"
+    else:
+        mod = importlib.import_module(f"{__package__.rsplit('.', 1)[0]}.cuda.{spec[0]}")
+        why = mod.unsupported(q, state, consts, meta)
+        if not why:
+            ROUTES["cuda"] += 1
+            return getattr(mod, spec[1])(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, meta)
+    if choice == "cuda":
+        raise ValueError(f"qjl::attend: QJL_ATTEND_KERNEL=cuda but the CUDA C++ kernel cannot take this call: {why}")
+    if why not in _NOTED:
+        _NOTED.add(why)
+        log.warning("qjl::attend: CUDA C++ decode kernel not used (%s); running the Triton kernel", why)
+    return None
 
 
 @functools.cache
@@ -75,8 +115,12 @@ def _attend_cuda(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, me
         # the fused kernels are decode kernels (a few query rows per kv head); long chunks (chunked
         # prefill) and codecs without a kernel take SDPA over the device-side dequantization
         out = ref.attend_nosync(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, meta)
+        ROUTES["sdpa"] += 1
     else:
-        out = fn(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, meta)
+        out = _attend_cpp(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, meta)
+        if out is None:
+            out = fn(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, meta)
+            ROUTES["triton"] += 1
     # every route returns the fake's layout (empty_like(q)), or Inductor rejects the op (issue 14)
     return ops.like_fake(q, out)
 
@@ -108,7 +152,13 @@ def prepare(codec: int, consts, dtype: torch.dtype) -> None:
     tensors first made during a CUDA-graph capture would sit in the graph's private pool.
     Calls `prepare(consts, dtype)` of the codec's attend module where it has one.
     """
-    if not consts or not consts[0].is_cuda or not has_kernels(codec):
+    if not consts or not consts[0].is_cuda:
+        return
+    if codec in CPP_KERNELS and attend_kernel_choice() != "triton":
+        from ..cuda import available
+        if available()[0]:
+            importlib.import_module(f"{__package__.rsplit('.', 1)[0]}.cuda.{CPP_KERNELS[codec][0]}").prepare(consts)
+    if not has_kernels(codec):
         return
     mod = importlib.import_module(f"{__name__}.{KERNELS[codec][2]}")
     if hasattr(mod, "prepare"):
