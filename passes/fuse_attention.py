@@ -95,6 +95,7 @@ class FuseQJLAttention:
                 layer = layer_of_state(st[0])
         site = ctx.site(node, layer)
         site.matched = self._describe(ks, a)
+        site.source = (kd or vd).name
         if not ks.ok or not vs.ok:
             return self._skip(site, node, f"unrecognised key/value chain: {ks.why or vs.why}")
         if kd is not vd:

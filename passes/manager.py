@@ -29,6 +29,7 @@ class Site:
     matched: str = "-"
     became: str = "unchanged"
     reason: str = ""
+    source: str = ""  # the qjl.dequantize node feeding it, when it attends over the QJL cache
 
 
 class PassContext:

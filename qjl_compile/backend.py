@@ -142,32 +142,36 @@ def report_unfused(gm: fx.GraphModule, ctx) -> int:
     ``qjl.attend``. Returns the number of such sites/nodes; counter ``qjl/unfused``.
     """
     from .diagnostics import warn_once
-    from .passes.fx_utils import is_qjl_op
+    from .passes.fx_utils import is_qjl_op, layer_of
     from .passes.manager import bump
 
     found = []
+    explained = set()
     for site in ctx.sites.values():
-        if site.matched.startswith("qjl.dequantize") and not site.became.startswith("qjl.attend"):
-            found.append((site.layer, site.reason or "left unchanged by the fusion pass"))
-    fused_sites = any(site.became.startswith("qjl.attend") for site in ctx.sites.values())
-    left = [n for n in gm.graph.nodes if is_qjl_op(n, "dequantize")]
-    if left and len(left) > len(found):
-        # dequantize nodes that no skipped site accounts for: their K/V go somewhere other than SDPA
-        why = ("the dequantized K/V leave this graph or feed an attention that is not scaled_dot_product_attention "
-               "(a graph break between QJLCache.update and the attention, or attn_implementation='eager')")
-        found += [(None, why)] * (len(left) - len(found))
+        if site.source:
+            explained.add(site.source)  # fused (dequantize erased or kept for another user) or skipped with a reason
+            if not site.became.startswith("qjl.attend"):
+                found.append((site.layer, site.reason or "left unchanged by the fusion pass", _fix_for(site.reason)))
+    for n in gm.graph.nodes:
+        if is_qjl_op(n, "dequantize") and n.name not in explained:
+            # K/V that reach no attention the fusion pass looked at
+            found.append((layer_of(n), UNSEEN, "use attn_implementation='sdpa' and remove graph breaks around the "
+                                               "attention (TORCH_LOGS=graph_breaks shows them)"))
     if not found:
         return 0
     bump("unfused", len(found))
-    for layer, reason in dict.fromkeys(found):
-        fix = _fix_for(reason) if not reason.startswith("the dequantized K/V") else (
-            "use attn_implementation='sdpa' and remove graph breaks around the attention (TORCH_LOGS=graph_breaks "
-            "shows them)")
+    for layer, reason, fix in dict.fromkeys(found):
+        where = f"layer {layer}" if layer is not None else "a layer"
         warn_once(f"backend:{reason}", (
-            f"qjl backend: attention over a QJLCache is not fused in {ctx.graph_name} (first at layer {layer}"
-            f"{'' if fused_sites else ', no attention of this graph fused'}): {reason}. It runs over dequantized "
-            f"full-precision K/V (correct, but not the compiled qjl.attend). Fix: {fix}."), stacklevel=2)
+            f"qjl backend: attention over a QJLCache is not fused ({ctx.graph_name}, {where}): {reason}. It runs "
+            f"over dequantized full-precision K/V (correct, but not the compiled qjl.attend). Fix: {fix}."),
+            stacklevel=2)
     return len(found)
+
+
+UNSEEN = ("the dequantized K/V reach no scaled_dot_product_attention the fusion pass recognises: they leave the "
+          "graph (a graph break between QJLCache.update and the attention), feed an attention that is not SDPA "
+          "(attn_implementation='eager'), or pass through ops other than HF's repeat_kv")
 
 
 def _register() -> None:

@@ -98,7 +98,11 @@ class QJLLayer(CacheLayerMixin):
         self.state = ref.make_state(self.codec, B, H, self.max_cache_len, D, self.cfg.residual, self.consts,
                                     self.meta[3:], self.dtype, self.cfg.torch_side_dtype, self.device)
         from .kernels import triton as qjl_triton
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not is_torchdynamo_compiling():
+            # derived kernel constants, built ahead of any CUDA-graph capture. Not while Dynamo traces a lazy
+            # first update (a compiled prefill over a fresh cache): the import and data_ptr keys would break
+            # the graph there, splitting every layer's update from its attention; the kernels then build them
+            # at their first (eager, uncaptured) launch instead
             qjl_triton.prepare(self.codec.id, self.consts, self.dtype)
         if self.device.type != "cpu" and not (self.device.type == "cuda" and qjl_triton.has_kernels(self.codec.id)):
             # without device kernels the codec's reference append reads the length on the host,

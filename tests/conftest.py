@@ -10,3 +10,8 @@ def fresh_dynamo():
     counters.clear()
     yield
     torch._dynamo.reset()
+
+
+def pytest_report_header(config):
+    import transformers
+    return f"qjl-compile: torch {torch.__version__}, transformers {transformers.__version__}"

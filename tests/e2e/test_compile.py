@@ -159,8 +159,10 @@ def test_generate_after_qjl_compile(model):
         assert torch.equal(out.sequences, ref.sequences)
         diff = max((a - b).abs().max().item() for a, b in zip(out.scores, ref.scores))
         assert diff < ATOL
-        # the decode step ran compiled (prefill stays eager, as in transformers): one graph, all layers fused
+        # the decode step ran compiled (prefill stays eager, as in transformers): one graph, all layers fused,
+        # and every one of the STEPS - 1 decode forwards went through it
         assert counters["qjl"]["fuse_attention"] == LAYERS and _unique_graphs() == 1
+        assert m._qjl_compile.compiled_calls == STEPS - 1
         m.generate(ids, max_new_tokens=STEPS, do_sample=False)  # same size: cache reused, no recompile
         assert _unique_graphs() == 1
         qjl_compile.compile(m, CFG, max_cache_len=50, options={"lowering": "aot_eager"})

@@ -6,6 +6,7 @@ compares the result with the uncompiled function (the same reference ops, so flo
 """
 import functools
 import operator
+import warnings
 
 import pytest
 import torch
@@ -17,7 +18,9 @@ from qjl_compile import QJLCache, QJLConfig
 from qjl_compile.backend import qjl_backend
 from qjl_compile.cache import QJLLayer
 from qjl_compile.passes.fx_utils import is_qjl_op, is_sdpa, val
+from qjl_compile import diagnostics
 from qjl_compile.compat import cache_kwargs
+from qjl_compile.diagnostics import QJLFallbackWarning
 
 CFG = QJLConfig(sketch_dim=128, sketch_dim_initial=128, outlier_sketch_dim=64, outlier_sketch_dim_initial=64,
                 residual=32)
@@ -193,9 +196,11 @@ def test_left_alone(fn, why):
     q = torch.randn(1, 2 * H, 1, D)
     k, v = torch.randn(1, H, 1, D), torch.randn(1, H, 1, D)
     cap = Capture()
-    torch.compile(fn, backend=cap.backend, fullgraph=True)(_layer(), q, k, v, _mask(41, 1))
+    diagnostics.reset()
+    with pytest.warns(QJLFallbackWarning, match="attention over a QJLCache is not fused.*Fix: "):
+        torch.compile(fn, backend=cap.backend, fullgraph=True)(_layer(), q, k, v, _mask(41, 1))
     (gm, sites), = cap.graphs
-    assert counters["qjl"]["fuse_attention"] == 0
+    assert counters["qjl"]["fuse_attention"] == 0 and counters["qjl"]["unfused"] == 1
     assert not _ops(gm, "attend") and sum(is_sdpa(n) for n in gm.graph.nodes) == 1
     reasons = " ".join(s.reason for s in sites.values())
     assert re.search(why, reasons), reasons
@@ -210,7 +215,9 @@ def test_dropout_left_alone():
         return F.scaled_dot_product_attention(q, repeat_kv(K, 2), repeat_kv(V, 2), attn_mask=mask, dropout_p=0.1)
 
     cap = Capture()
-    torch.compile(f, backend=cap.backend, fullgraph=True)(_layer(), q, k, v, _mask(41, 1))
+    diagnostics.reset()
+    with pytest.warns(QJLFallbackWarning, match=r"dropout_p=0.1.*Fix: call model.eval\(\)"):
+        torch.compile(f, backend=cap.backend, fullgraph=True)(_layer(), q, k, v, _mask(41, 1))
     (gm, sites), = cap.graphs
     assert counters["qjl"]["fuse_attention"] == 0
     assert "dropout" in next(iter(sites.values())).reason
@@ -226,9 +233,13 @@ def test_dequantize_kept_when_used_elsewhere():
 
     ref = f(_layer(), q, k, v, _mask(41, 1))
     cap = Capture()
-    got = torch.compile(f, backend=cap.backend, fullgraph=True)(_layer(), q, k, v, _mask(41, 1))
+    diagnostics.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", QJLFallbackWarning)  # the attention is fused: nothing to warn about
+        got = torch.compile(f, backend=cap.backend, fullgraph=True)(_layer(), q, k, v, _mask(41, 1))
     (gm, sites), = cap.graphs
     assert counters["qjl"]["fuse_attention"] == 1 and counters["qjl"]["dequantize_kept"] == 1
+    assert counters["qjl"]["unfused"] == 0
     assert len(_ops(gm, "dequantize")) == 1
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
