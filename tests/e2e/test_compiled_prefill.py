@@ -23,8 +23,10 @@ from qjl_compile.compat import cache_kwargs
 LAYERS, HQ, HKV, D = 2, 14, 2, 64
 B, T, PADS, STEPS = 3, 300, (0, 37, 120), 4
 L = 320
-# bound on ||compiled - eager|| / ||eager|| of the logits per call (measured: see the printed values)
-TOL = {torch.float32: 2e-3, torch.bfloat16: 4e-2, torch.float16: 2e-2}
+# bound on ||compiled - eager|| / ||eager|| of the logits per call, worst row. Eager and compiled compute the
+# same estimator in different orders (dequantized K/V + SDPA vs the fused kernel; TF32 dots on GPU); a
+# wrong layout, mask or padding row gives O(1). CPU fp32 (measured <= 8e-6) is checked at 1e-4.
+TOL = {torch.float32: 1e-2, torch.bfloat16: 8e-2, torch.float16: 4e-2}
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
