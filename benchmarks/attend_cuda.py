@@ -72,8 +72,9 @@ def rows_for(B, L, copy_gbs, variants):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1x4096,1x32768,1x131072,16x16384")
-    ap.add_argument("--variants", default="default;sqsmem=0;ns=16;ns=32;ns=128;minb=3;minb=4", help="';'-separated launch variants")
+    ap.add_argument("--variants", default="default;minb=4 st=2;st=2;minb=2;ns=16;ns=32;ns=64;nw=8 minb=1", help="';'-separated launch variants")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--once", default=None, help="BxL: build that state and run the CUDA kernel twice (for ncu)")
     a = ap.parse_args(argv)
     variants = []
     for v in a.variants.split(";"):
@@ -86,6 +87,8 @@ def main(argv=None):
                 kw["num_warps"] = int(val)
             elif key == "ns":
                 kw["nsplit"] = int(val)
+            elif key == "st":
+                kw["stages"] = int(val)
             elif key == "sqsmem":
                 kw["sq_smem"] = int(val)
             elif key == "minb":
@@ -93,6 +96,18 @@ def main(argv=None):
             else:
                 raise SystemExit(f"unknown variant key {key!r} (nw, ns, minb)")
         variants.append((v, kw))
+    if a.once:
+        from qjl_compile.kernels.cuda.qjl import qjl_attend_cuda
+        B, L = (int(x) for x in a.once.split("x"))
+        st, consts, meta = qjl_setup(B, L, QJLConfig.preset("reference", head_dim=D))
+        fill(st, consts, meta, L - 1)
+        q = torch.randn(B, HQ, 1, D, device="cuda", dtype=DTYPE)
+        k1 = torch.randn(B, H, 1, D, device="cuda", dtype=DTYPE)
+        torch.ops.qjl.append(st, consts, k1, k1, meta)
+        for _ in range(2):
+            qjl_attend_cuda(q, st, consts, k1, k1, None, True, None, meta, **dict(variants[0][1]))
+        torch.cuda.synchronize()
+        return
     print(env_header())
     copy_gbs = copy_bandwidth()
     print(f"copy bandwidth {copy_gbs:.0f} GB/s")

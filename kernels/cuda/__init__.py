@@ -151,6 +151,20 @@ def module(name: str, defines: dict, kernels: tuple[str, ...], device) -> dict:
         return fns
 
 
+_DYN: dict = {}
+
+
+def allow_dynamic_smem(fn, nbytes: int) -> None:
+    """Let `fn` take `nbytes` of dynamic shared memory (above 48 KB needs the opt-in); once per size."""
+    key = (int(fn), nbytes)
+    if key in _DYN:
+        return
+    from cuda.bindings import driver
+    _check(driver.cuFuncSetAttribute(fn, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                     nbytes), "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)")
+    _DYN[key] = True
+
+
 def launch(fn, grid, block, params, stream, shared: int = 0) -> None:
     """Launch `fn` on `stream` (a torch.cuda.Stream) with `params`: a list of ctypes values (or one
     ctypes Structure), each passed by address as the kernel's arguments in order."""

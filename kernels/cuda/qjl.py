@@ -15,10 +15,12 @@ import torch
 
 from .. import reference as ref
 from ..checks import check_attend, check_qjl, mask_args
-from . import available, launch, module
+from . import allow_dynamic_smem, available, launch, module
 
 KERNELS = ("qjl_prep", "qjl_split", "qjl_combine")
 LOG2E = 1.4426950408889634
+STAGES = 3             # cp.async stages per warp (H200 measurement: benchmarks/RESULTS.md)
+MIN_BLOCKS = 3         # CTAs per SM the register budget is sized for (162 registers at the reference shape)
 QSTEP = 32767          # fixed-point range of S q and the sketch columns (two int8 planes)
 _PLANES: dict = {}
 
@@ -113,15 +115,22 @@ def unsupported(q, state, consts, meta) -> str:
         return f"side data in {state[4].dtype}: the CUDA kernel reads fp16 norms/scales (QJLConfig side_dtype)"
     if G * q.shape[2] > 8:
         return f"{G * q.shape[2]} query rows per kv head (GQA group x query tokens) > 8"
-    if D not in (64, 128, 256):
-        return f"head_dim {D} not in (64, 128, 256)"
+    if D not in (64, 128):
+        return f"head_dim {D} not in (64, 128)"
     if m % 128 or (mo and mo % 128) or (o > 0) != (mo > 0):
         return f"sketch sizes m={m}, m_out={mo} must be multiples of 128 (m_out = 0 iff no outliers)"
     if o > 8:
         return f"{o} outlier channels > 8"
+    if R + q.shape[2] > 1024:
+        return f"residual window {R} + {q.shape[2]} query tokens > 1024 exact tokens (the combine's score table)"
     if vb not in (2, 4) or (D // 8) * vb // 8 not in (2, 4, 8) or vg % (D // 8):
         return f"value_bits={vb}, value_group={vg} at head_dim {D} (needs 2/4 bits and groups of >= {D // 8})"
     return ""
+
+
+def stage_bytes(D, m, mo, vb, vg) -> int:
+    """Shared memory of one 32-token group in the cp.async pipeline (ST_SIZE in qjl_decode.cu)."""
+    return 32 * (m // 8) + 32 * (mo // 8) + 64 + 64 + 16 + 32 * (D * vb // 8) + 2 * 64 * (D // vg)
 
 
 def _config(B, H, LC):
@@ -133,7 +142,7 @@ def _config(B, H, LC):
 
 
 def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, scale=None, meta=None,
-                    nsplit=None, num_warps=None, min_blocks=None, sq_smem=None):
+                    nsplit=None, num_warps=None, min_blocks=None, sq_smem=None, stages=None):
     """Fused QJL decode attention, CUDA C++ (semantics of kernels.reference.attend).
 
     Parameters
@@ -153,9 +162,11 @@ def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
     nsplit, num_warps : int, optional
         Launch overrides (default `_config`).
     min_blocks : int, optional
-        ``__launch_bounds__`` minimum resident CTAs per SM (caps registers; default 1).
+        ``__launch_bounds__`` minimum resident CTAs per SM (caps registers; default MIN_BLOCKS).
     sq_smem : bool, optional
         Keep the S q fragments in shared memory (default) instead of registers.
+    stages : int, optional
+        Groups in flight per warp through shared memory (cp.async; 0 = plain loads; default STAGES).
 
     Returns
     -------
@@ -173,6 +184,8 @@ def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
     if why:
         raise Unsupported(why)
     M = G * Tq
+    if R + T > 1024:
+        raise Unsupported(f"residual window {R} + {T} new tokens > 1024 exact tokens (the combine's score table)")
     if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != torch.float32:
         attn_mask = attn_mask.float()        # the kernel reads fp32 additive masks (a copy of the unexpanded mask)
     kind, mt, ms = mask_args(attn_mask, q)
@@ -183,13 +196,17 @@ def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
     per = -(-LC // ns)
     chunk = max(step, -(-per // step) * step)
     ns = max(1, -(-LC // chunk))
+    if ns > 1024:
+        raise Unsupported(f"{ns} splits > 1024 (the combine's weight table); pass a smaller nsplit")
     causal = bool(is_causal) and attn_mask is None
     defines = dict(D=D, MS=m, MO=mo, NO=o, VB=vb, VG=vg, RR=R, NW=nw, QDT=int(q.dtype == torch.bfloat16),
                    MK=kind, CAUSAL=int(causal), CAUSAL_C=int(causal and T < Tq))
-    if min_blocks:
-        defines["MINB"] = int(min_blocks)
+    defines["MINB"] = int(min_blocks or MIN_BLOCKS)
     if sq_smem is not None:
         defines["SQ_SMEM"] = int(sq_smem)
+    nst = STAGES if stages is None else int(stages)
+    defines["STAGES"] = nst
+    dyn = nw * nst * stage_bytes(D, m, mo, vb, vg)
     fns = module("qjl_decode", defines, KERNELS, q.device)
     perm, scol, scsum, sig_s = sketch_planes(consts[0])
     if mo:
@@ -202,15 +219,15 @@ def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
     sqf = torch.empty(BH * nch * 32 * 16, dtype=torch.uint8, device=dev)
     sqsum = torch.empty(BH * 8, dtype=torch.int32, device=dev)
     sqsig = torch.empty(BH * 8, dtype=torch.float32, device=dev)
-    nslot = ns + 1
+    nslot = ns
     opart = torch.empty(BH * nslot * 8 * D, dtype=torch.float32, device=dev)
     lse = torch.empty(BH * nslot * 8, dtype=torch.float32, device=dev)
     out = torch.empty_like(q)
     stream = torch.cuda.current_stream(dev)
     P, I64, I32, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
-    launch(fns["qjl_prep"], (BH,), (256,),
+    launch(fns["qjl_prep"], (BH, nch), (256,),
            [P(q.data_ptr()), *(I64(s) for s in q.stride()[:3]), P(consts[0].data_ptr()), P(perm.data_ptr()),
-            P(sqf.data_ptr()), P(sqsum.data_ptr()), P(sqsig.data_ptr()), I32(H), I32(G), I32(Tq), I32(M)], stream)
+            P(sqf.data_ptr()), P(sqsig.data_ptr()), I32(H), I32(G), I32(Tq), I32(M)], stream)
     rk, rv = state[1], state[2]
     sc = float(scale) if scale is not None else 1.0 / math.sqrt(D)
     a = _Args(q.data_ptr(), *q.stride()[:3], state[0].data_ptr(), rk.data_ptr(), rv.data_ptr(), *rk.stride()[:3],
@@ -221,8 +238,8 @@ def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
               opart.data_ptr(), lse.data_ptr(),
               sig_s, sig_so, sc * LOG2E, ref.qjl_const(m, D), ref.qjl_const(mo, D) if mo else 0.0,
               H, G, Tq, T, M, LC, chunk, ns, kind, int(causal))
-    launch(fns["qjl_split"], (BH, ns + 1), (nw * 32,), [a], stream)
-    launch(fns["qjl_combine"], (BH, M), (D,),
-           [P(opart.data_ptr()), P(lse.data_ptr()), P(out.data_ptr()), *(I64(s) for s in out.stride()[:3]),
-            I32(H), I32(G), I32(Tq), I32(M), I32(nslot)], stream)
+    if dyn:
+        allow_dynamic_smem(fns["qjl_split"], dyn)
+    launch(fns["qjl_split"], (BH, ns), (nw * 32,), [a], stream, shared=dyn)
+    launch(fns["qjl_combine"], (BH, M), (D,), [a, P(out.data_ptr()), *(I64(s) for s in out.stride()[:3])], stream)
     return out

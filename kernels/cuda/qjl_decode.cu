@@ -120,6 +120,10 @@ __device__ __forceinline__ float masked(const Args& a, float s, int b, int h, in
     else return s + LOG2E_F * ((const float*)a.mask)[b * a.smb + (i64)pos * a.sml];
 }
 
+template <int N> struct VecT;
+template <> struct VecT<2> { typedef u32 T; };
+template <> struct VecT<4> { typedef uint2 T; };
+
 template <int W>
 __device__ __forceinline__ void load_words(u32 (&w)[W], const u8* p) {
     if constexpr (W == 1) { w[0] = *(const u32*)p; }
@@ -135,6 +139,57 @@ __device__ __forceinline__ void load_words(u32 (&w)[W], const u8* p) {
     const u32 y0 = (wg)[(c) / 4] >> (2 * ((c) % 4)), y8 = (w8)[(c) / 4] >> (2 * ((c) % 4)); \
     const u32 a0 = y0 & 0x01010101u, a1 = y8 & 0x01010101u;                \
     const u32 a2 = (y0 >> 1) & 0x01010101u, a3 = (y8 >> 1) & 0x01010101u;
+
+#ifndef STAGES
+#define STAGES 3
+#endif
+// one 32-token group in shared memory (bytes): signs, outlier signs, norms, outlier channels,
+// value codes, scales, zeros, each the contiguous rows of the global buffer
+#define ST_BITS 0
+#define ST_OBITS (ST_BITS + 32 * (MS / 8))
+#define ST_NORM (ST_OBITS + 32 * (MO / 8))
+#define ST_ONORM (ST_NORM + 64)
+#define ST_IDX (ST_ONORM + 64)
+#define ST_CODE (ST_IDX + 16)
+#define ST_SCALE (ST_CODE + 32 * (D * VB / 8))
+#define ST_ZERO (ST_SCALE + 64 * (D / VG))
+#define ST_SIZE (ST_ZERO + 64 * (D / VG))
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 r; asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p)); return r;
+}
+__device__ __forceinline__ void cp16(void* s, const void* g) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(s)), "l"(g));
+}
+__device__ __forceinline__ void cp8(void* s, const void* g) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(smem_addr(s)), "l"(g));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N)); }
+
+template <int BYTES>
+__device__ __forceinline__ void cp_block(u8* s, const u8* g, int lane) {
+#pragma unroll
+    for (int o = 16 * lane; o < BYTES; o += 512) cp16(s + o, g + o);
+}
+
+// copy the group whose first token row is `row` (b, h, position) into stage `st`
+__device__ __forceinline__ void stage_group(const Args& a, u8* st, i64 row, int lane) {
+    cp_block<32 * (MS / 8)>(st + ST_BITS, a.kbits + row * (MS / 8), lane);
+    cp_block<64>(st + ST_NORM, (const u8*)(a.knorm + row), lane);
+#if MO > 0
+    cp_block<32 * (MO / 8)>(st + ST_OBITS, a.kobits + row * (MO / 8), lane);
+    cp_block<64>(st + ST_ONORM, (const u8*)(a.konorm + row), lane);
+#endif
+#if NO == 8
+    if (lane == 0) cp8(st + ST_IDX, a.kidx + row / 32 * 8);
+#elif NO > 0
+    if (lane < NO) st[ST_IDX + lane] = a.kidx[row / 32 * NO + lane];   // not 4-byte aligned: plain copy
+#endif
+    cp_block<32 * (D * VB / 8)>(st + ST_CODE, a.vcode + row * (D * VB / 8), lane);
+    cp_block<64 * (D / VG)>(st + ST_SCALE, (const u8*)(a.vscale + row * (D / VG)), lane);
+    cp_block<64 * (D / VG)>(st + ST_ZERO, (const u8*)(a.vzero + row * (D / VG)), lane);
+}
 
 #ifndef MINB
 #define MINB 1
@@ -153,6 +208,9 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
 
     __shared__ float qf[8][D];
     __shared__ u16 qhs[8][D];
+#if STAGES
+    extern __shared__ __align__(16) u8 dsm[];       // NW * STAGES * ST_SIZE bytes (launcher)
+#endif
     for (int i = threadIdx.x; i < 8 * D; i += NW * 32) {
         const int r = i / D, d = i % D;
         float v = 0.f;
@@ -165,87 +223,32 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
     __shared__ uint4 sqs[NCH][32];
     for (int i = threadIdx.x; i < NCH * 32; i += NW * 32) sqs[i / 32][i % 32] = a.sqf[(i64)bh * NCH * 32 + i];
 #endif
+    // sum_k Q_k per query row, from the fragments (row r = lanes 4r .. 4r + 3 of every chunk)
+    __shared__ int qsum[8];
+    if (threadIdx.x < 32) {
+        const int r = threadIdx.x >> 2;
+        int sum = 0;
+        for (int c = 0; c < NCH; ++c) {
+            const uint4 f = a.sqf[((i64)bh * NCH + c) * 32 + threadIdx.x];
+            const u32 hw[2] = {f.x, f.y}, lw[2] = {f.z, f.w};
+#pragma unroll
+            for (int w = 0; w < 2; ++w)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    sum += 256 * (int)(signed char)((hw[w] >> (8 * e)) & 255) + (int)((lw[w] >> (8 * e)) & 255);
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        if ((threadIdx.x & 3) == 0) qsum[r] = sum;
+    }
     __syncthreads();
 
     // every warp leaves its (m, l, unnormalized acc) here; the CTA merges them into one partial
     __shared__ float wm[NW][8], wl[NW][8];
     __shared__ float wo[NW][8][D];
-    __shared__ float wp[NW][8][32];
-    const int nslot = a.nsplit + 1;
+    const int nslot = a.nsplit;
 
-    if (sp == a.nsplit) {
-        // exact tokens [cl, n): residual ring below n - T, this step's tokens from n - T. One token
-        // per lane for the scores, one channel slice per lane for P V (through shared memory).
-        float m_i[8], l_i[8], acc[8][EPL];
-#pragma unroll
-        for (int r = 0; r < 8; ++r) { m_i[r] = -INFINITY; l_i[r] = 0.f;
-#pragma unroll
-            for (int e = 0; e < EPL; ++e) acc[r][e] = 0.f; }
-        const int n_old = n - a.T;
-        for (int base = max(cl, 0) + 32 * warp; base < n; base += 32 * NW) {
-            const int pos = base + lane;
-            const bool ok = pos < n;
-            const u16* kp = pos < n_old ? a.rk + b * a.srb + h * a.srh + (i64)(pos - c1) * a.srt
-                                        : a.kn + b * a.snb + h * a.snh + (i64)(min(pos, n - 1) - n_old) * a.snt;
-            float s[8];
-#pragma unroll
-            for (int r = 0; r < 8; ++r) s[r] = 0.f;
-#pragma unroll 4
-            for (int d = 0; d < D; d += 8) {
-                const uint4 kv = ok ? *(const uint4*)(kp + d) : make_uint4(0, 0, 0, 0);
-                const u32 w[4] = {kv.x, kv.y, kv.z, kv.w};
-#pragma unroll
-                for (int e = 0; e < 8; ++e) {
-                    const float kf = q2f((u16)(w[e / 2] >> (16 * (e & 1))));
-#pragma unroll
-                    for (int r = 0; r < 8; ++r) s[r] += qf[r][d + e] * kf;
-                }
-            }
-#pragma unroll
-            for (int r = 0; r < 8; ++r) {
-                if (r >= a.M) break;
-                const float sv = ok ? masked(a, s[r] * a.qk_scale, b, h, r, pos, n, n) : -INFINITY;
-                float mx = sv;
-#pragma unroll
-                for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-                const float mn = fmaxf(m_i[r], mx);
-                const float mu = mn == -INFINITY ? 0.f : mn;
-                const float al = exp2f(m_i[r] - mu), p = exp2f(sv - mu);
-                float sum = p;
-#pragma unroll
-                for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-                l_i[r] = l_i[r] * al + sum;
-                m_i[r] = mn;
-#pragma unroll
-                for (int e = 0; e < EPL; ++e) acc[r][e] *= al;
-                wp[warp][r][lane] = p;
-            }
-            __syncwarp();
-            const int cnt = min(32, n - base);
-            for (int jj = 0; jj < cnt; ++jj) {
-                const int pj = base + jj;
-                const u16* vp = pj < n_old ? a.rv + b * a.srb + h * a.srh + (i64)(pj - c1) * a.srt
-                                           : a.vn + b * a.snb + h * a.snh + (i64)(pj - n_old) * a.snt;
-                float vv[EPL];
-#pragma unroll
-                for (int e = 0; e < EPL; ++e) vv[e] = q2f(vp[lane * EPL + e]);
-#pragma unroll
-                for (int r = 0; r < 8; ++r) {
-                    if (r >= a.M) break;
-                    const float p = wp[warp][r][jj];
-#pragma unroll
-                    for (int e = 0; e < EPL; ++e) acc[r][e] += p * vv[e];
-                }
-            }
-            __syncwarp();
-        }
-#pragma unroll
-        for (int r = 0; r < 8; ++r) {
-#pragma unroll
-            for (int e = 0; e < EPL; ++e) wo[warp][r][lane * EPL + e] = acc[r][e];
-            if (lane == 0) { wm[warp][r] = m_i[r]; wl[warp][r] = l_i[r]; }
-        }
-    } else {
+    {
     // ---- compressed tokens [lo, hi) of this split ----
     const int lo = sp * a.chunk;
     const int hi = min(lo + a.chunk, cl);
@@ -263,27 +266,17 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
         for (int c = 0; c < NCH; ++c) sqf[c] = a.sqf[((i64)bh * NCH + c) * 32 + lane];
 #define SQF(c) sqf[c]
 #endif
-        const int sq0 = a.sqsum[bh * 8 + 2 * t], sq1 = a.sqsum[bh * 8 + 2 * t + 1];
+        const int sq0 = qsum[2 * t], sq1 = qsum[2 * t + 1];
         const float sg0 = a.sqsig[bh * 8 + 2 * t], sg1 = a.sqsig[bh * 8 + 2 * t + 1];
-        // this (b, h)'s rows of every buffer, and this lane's fixed offsets in them
+        // this (b, h)'s rows of every buffer; each group of 32 tokens is read relative to its first row
         const i64 tb = (i64)bh * a.LC;
-        const u8* kbits = a.kbits + tb * (MS / 8) + g * (MS / 8) + 4 * WPL * t;      // token p + g
-        const u16* knorm = a.knorm + tb + g;
-#if MO > 0
-        const u8* kobits = a.kobits + tb * (MO / 8) + g * (MO / 8) + 4 * WPLO * t;
-        const u16* konorm = a.konorm + tb + g;
-#endif
 #if NO > 0
-        const u8* kidx = a.kidx + (tb / 32) * NO;
         const uint4* scol = a.scol + t;
 #if MO > 0
         const uint4* socol = a.socol + t;
 #endif
 #endif
         const int vgrp = (CPL * g) / VG;                // this lane group's value scale group
-        const u8* vcode = a.vcode + (tb + 2 * t) * (D * VB / 8) + CB * g;             // token p + 2t
-        const u16* vscale = a.vscale + (tb + 2 * t) * (D / VG) + vgrp;
-        const u16* vzero = a.vzero + (tb + 2 * t) * (D / VG) + vgrp;
 #if MK == 1 || MK == 2
         i64 mrow[2];
 #endif
@@ -301,95 +294,161 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
 #endif
         }
 
+#if STAGES
+        // each warp streams its groups through STAGES shared-memory buffers (cp.async), so the
+        // loads of the next groups are in flight while this one is computed
+        u8* wst = dsm + warp * (STAGES * ST_SIZE);
+        const int g_first = lo + warp * 32;
+#pragma unroll
+        for (int s_ = 0; s_ < STAGES - 1; ++s_) {
+            const int gg = g_first + s_ * NW * 32;
+            if (gg < hi) stage_group(a, wst + s_ * ST_SIZE, tb + gg, lane);
+            cp_commit();
+        }
+        int it = 0;
+#endif
         for (int g0 = lo + warp * 32; g0 < hi; g0 += NW * 32) {
             const bool tail = g0 + 32 > hi;             // warp-uniform: only the last group is partial
+#if STAGES
+            {
+                const int gg = g0 + (STAGES - 1) * NW * 32;
+                if (gg < hi) stage_group(a, wst + ((it + STAGES - 1) % STAGES) * ST_SIZE, tb + gg, lane);
+                cp_commit();
+                cp_wait<STAGES - 1>();
+                __syncwarp();
+            }
+            const u8* gst = wst + (it % STAGES) * ST_SIZE;
+            ++it;
+            const u8* G_BITS = gst + ST_BITS;
+            const u8* G_OBITS = gst + ST_OBITS;
+            const u16* G_NORM = (const u16*)(gst + ST_NORM);
+            const u16* G_ONORM = (const u16*)(gst + ST_ONORM);
+            const u8* G_IDX = gst + ST_IDX;
+            const u8* G_CODE = gst + ST_CODE;
+            const u16* G_SCALE = (const u16*)(gst + ST_SCALE);
+            const u16* G_ZERO = (const u16*)(gst + ST_ZERO);
+#else
+            const u8* G_BITS = a.kbits + (tb + g0) * (MS / 8);
+            const u8* G_OBITS = a.kobits + (tb + g0) * (MO / 8);
+            const u16* G_NORM = a.knorm + tb + g0;
+            const u16* G_ONORM = a.konorm + tb + g0;
+            const u8* G_IDX = a.kidx + (tb + g0) / 32 * NO;
+            const u8* G_CODE = a.vcode + (tb + g0) * (D * VB / 8);
+            const u16* G_SCALE = a.vscale + (tb + g0) * (D / VG);
+            const u16* G_ZERO = a.vzero + (tb + g0) * (D / VG);
+#endif
             // value codes and scales of both tiles first, so their latency overlaps the scoring.
             // This lane's tokens p+2t, p+2t+1, p+2t+8, p+2t+9: code bytes of lane group g
             u32 cwt[2][4][(CB + 3) / 4], sct[2][2], zrt[2][2];
 #pragma unroll
             for (int tt = 0; tt < 2; ++tt) {
-                const int p = g0 + 16 * tt;
 #pragma unroll
                 for (int k = 0; k < 4; ++k) {
-                    const u8* cp = vcode + (p + (k & 1) + 8 * (k >> 1)) * (D * VB / 8);
+                    const u8* cp = G_CODE + (16 * tt + 2 * t + (k & 1) + 8 * (k >> 1)) * (D * VB / 8) + CB * g;
                     if constexpr (CB == 2) cwt[tt][k][0] = *(const u16*)cp;
                     else if constexpr (CB == 4) cwt[tt][k][0] = *(const u32*)cp;
                     else { const uint2 v = *(const uint2*)cp; cwt[tt][k][0] = v.x; cwt[tt][k][1] = v.y; }
                 }
 #pragma unroll
                 for (int k = 0; k < 2; ++k) {
-                    const int o = (p + 8 * k) * (D / VG);
-                    sct[tt][k] = (u32)vscale[o] | ((u32)vscale[o + D / VG] << 16);
-                    zrt[tt][k] = (u32)vzero[o] | ((u32)vzero[o + D / VG] << 16);
+                    const int o = (16 * tt + 2 * t + 8 * k) * (D / VG) + vgrp;
+                    sct[tt][k] = (u32)G_SCALE[o] | ((u32)G_SCALE[o + D / VG] << 16);
+                    zrt[tt][k] = (u32)G_ZERO[o] | ((u32)G_ZERO[o + D / VG] << 16);
                 }
             }
 #if NO > 0
             u64 idx8;
-            if constexpr (NO == 8) idx8 = *(const u64*)(kidx + g0 / 32 * 8);
+            if constexpr (NO == 8) idx8 = *(const u64*)G_IDX;
             else { idx8 = 0;
 #pragma unroll
-                for (int o = 0; o < NO; ++o) idx8 |= (u64)kidx[g0 / 32 * NO + o] << (8 * o); }
+                for (int o = 0; o < NO; ++o) idx8 |= (u64)G_IDX[o] << (8 * o); }
             const int col = (int)((idx8 >> (8 * g)) & 255);          // B operand column n = g
             const int ch0 = (int)((idx8 >> (16 * t)) & 255), ch1 = (int)((idx8 >> (16 * t + 8)) & 255);
             // q at the group's outlier channels: B of the m16n8k8 (k = slots 2t, 2t+1; n = row g)
             const u32 qsel = (u32)(2 * t < NO ? qhs[g][ch0] : (u16)0) | ((u32)(2 * t + 1 < NO ? qhs[g][ch1] : (u16)0) << 16);
             const int cs0 = a.scsum[ch0], cs1 = a.scsum[ch1];
-            uint4 bsc[NCH];
-#pragma unroll
-            for (int c = 0; c < NCH; ++c) bsc[c] = scol[(col * NCH + c) * 4];
 #if MO > 0
             const int co0 = a.socsum[ch0], co1 = a.socsum[ch1];
-            uint4 bso[NCHO];
-#pragma unroll
-            for (int c = 0; c < NCHO; ++c) bso[c] = socol[(col * NCHO + c) * 4];
 #endif
+#endif
+            // both 16-token tiles per sketch chunk: each chunk's S q and sketch-column fragments are
+            // loaded once and feed 4 (8 with outliers) MMAs
+            u32 wg[2][WPL], w8[2][WPL];
+            float n0s[2], n8s[2];
+            int rh[2][4], rl[2][4];
+#if NO > 0
+            int th[2][4], tl[2][4];
+#endif
+#pragma unroll
+            for (int tt = 0; tt < 2; ++tt) {
+                load_words<WPL>(wg[tt], G_BITS + (16 * tt + g) * (MS / 8) + 4 * WPL * t);
+                load_words<WPL>(w8[tt], G_BITS + (16 * tt + g + 8) * (MS / 8) + 4 * WPL * t);
+                n0s[tt] = h2f(G_NORM[16 * tt + g]); n8s[tt] = h2f(G_NORM[16 * tt + g + 8]);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) { rh[tt][e] = rl[tt][e] = 0;
+#if NO > 0
+                    th[tt][e] = tl[tt][e] = 0;
+#endif
+                }
+            }
+#pragma unroll
+            for (int c = 0; c < NCH; ++c) {
+                const uint4 bq = SQF(c);
+#if NO > 0
+                const uint4 bs = scol[(col * NCH + c) * 4];
+#endif
+#pragma unroll
+                for (int tt = 0; tt < 2; ++tt) {
+                    AFRAG(wg[tt], w8[tt], c)
+                    mma_us(rh[tt], a0, a1, a2, a3, bq.x, bq.y);
+                    mma_uu(rl[tt], a0, a1, a2, a3, bq.z, bq.w);
+#if NO > 0
+                    mma_us(th[tt], a0, a1, a2, a3, bs.x, bs.y);
+                    mma_uu(tl[tt], a0, a1, a2, a3, bs.z, bs.w);
+#endif
+                }
+            }
+#if NO > 0 && MO > 0
+            int oh[2][4], ol[2][4];
+            {
+                u32 og[2][WPLO], o8[2][WPLO];
+#pragma unroll
+                for (int tt = 0; tt < 2; ++tt) {
+                    load_words<WPLO>(og[tt], G_OBITS + (16 * tt + g) * (MO / 8) + 4 * WPLO * t);
+                    load_words<WPLO>(o8[tt], G_OBITS + (16 * tt + g + 8) * (MO / 8) + 4 * WPLO * t);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) oh[tt][e] = ol[tt][e] = 0;
+                }
+#pragma unroll
+                for (int c = 0; c < NCHO; ++c) {
+                    const uint4 bs = socol[(col * NCHO + c) * 4];
+#pragma unroll
+                    for (int tt = 0; tt < 2; ++tt) {
+                        AFRAG(og[tt], o8[tt], c)
+                        mma_us(oh[tt], a0, a1, a2, a3, bs.x, bs.y);
+                        mma_uu(ol[tt], a0, a1, a2, a3, bs.z, bs.w);
+                    }
+                }
+            }
 #endif
             float s[2][4];
 #pragma unroll
             for (int tt = 0; tt < 2; ++tt) {
                 const int p = g0 + 16 * tt;
-                u32 wg[WPL], w8[WPL];
-                load_words<WPL>(wg, kbits + p * (MS / 8));
-                load_words<WPL>(w8, kbits + (p + 8) * (MS / 8));
-                const float n0 = h2f(knorm[p]), n8 = h2f(knorm[p + 8]);
-                int rh[4] = {0, 0, 0, 0}, rl[4] = {0, 0, 0, 0};
-#if NO > 0
-                int th[4] = {0, 0, 0, 0}, tl[4] = {0, 0, 0, 0};
-#endif
-#pragma unroll
-                for (int c = 0; c < NCH; ++c) {
-                    AFRAG(wg, w8, c)
-                    const uint4 bq = SQF(c);
-                    mma_us(rh, a0, a1, a2, a3, bq.x, bq.y);
-                    mma_uu(rl, a0, a1, a2, a3, bq.z, bq.w);
-#if NO > 0
-                    mma_us(th, a0, a1, a2, a3, bsc[c].x, bsc[c].y);
-                    mma_uu(tl, a0, a1, a2, a3, bsc[c].z, bsc[c].w);
-#endif
-                }
+                const float n0 = n0s[tt], n8 = n8s[tt];
                 float corr[4] = {0.f, 0.f, 0.f, 0.f};
 #if NO > 0
                 float W[4];
                 const float ci0 = -a.c_in * a.sig_s * n0, ci8 = -a.c_in * a.sig_s * n8;
 #pragma unroll
                 for (int e = 0; e < 4; ++e)
-                    W[e] = (e < 2 ? ci0 : ci8) * (float)(2 * (th[e] * 256 + tl[e]) - ((e & 1) ? cs1 : cs0));
+                    W[e] = (e < 2 ? ci0 : ci8) * (float)(2 * (th[tt][e] * 256 + tl[tt][e]) - ((e & 1) ? cs1 : cs0));
 #if MO > 0
                 {
-                    u32 og[WPLO], o8[WPLO];
-                    load_words<WPLO>(og, kobits + p * (MO / 8));
-                    load_words<WPLO>(o8, kobits + (p + 8) * (MO / 8));
-                    int oh[4] = {0, 0, 0, 0}, ol[4] = {0, 0, 0, 0};
-#pragma unroll
-                    for (int c = 0; c < NCHO; ++c) {
-                        AFRAG(og, o8, c)
-                        mma_us(oh, a0, a1, a2, a3, bso[c].x, bso[c].y);
-                        mma_uu(ol, a0, a1, a2, a3, bso[c].z, bso[c].w);
-                    }
-                    const float co_0 = a.c_out * a.sig_so * h2f(konorm[p]), co_8 = a.c_out * a.sig_so * h2f(konorm[p + 8]);
+                    const float co_0 = a.c_out * a.sig_so * h2f(G_ONORM[16 * tt + g]), co_8 = a.c_out * a.sig_so * h2f(G_ONORM[16 * tt + g + 8]);
 #pragma unroll
                     for (int e = 0; e < 4; ++e)
-                        W[e] += (e < 2 ? co_0 : co_8) * (float)(2 * (oh[e] * 256 + ol[e]) - ((e & 1) ? co1 : co0));
+                        W[e] += (e < 2 ? co_0 : co_8) * (float)(2 * (oh[tt][e] * 256 + ol[tt][e]) - ((e & 1) ? co1 : co0));
                 }
 #endif
                 mma_h8(corr, pack2(W[0], W[1]), pack2(W[2], W[3]), qsel);
@@ -399,7 +458,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const float f = e == 0 ? f00 : e == 1 ? f01 : e == 2 ? f80 : f81;
-                    s[tt][e] = f * (float)(2 * (rh[e] * 256 + rl[e]) - ((e & 1) ? sq1 : sq0)) + corr[e] * a.qk_scale;
+                    s[tt][e] = f * (float)(2 * (rh[tt][e] * 256 + rl[tt][e]) - ((e & 1) ? sq1 : sq0)) + corr[e] * a.qk_scale;
                 }
 #if MK == 3 || MK == 4
 #pragma unroll
@@ -488,7 +547,13 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
 #pragma unroll
                 for (int i = 0; i < NT; ++i) mma_h16(acc[i], af[i][0], af[i][1], af[i][2], af[i][3], b0, b1);
             }
+#if STAGES
+            __syncwarp();                               // this stage is refilled STAGES - 1 groups later
+#endif
         }
+#if STAGES
+        cp_wait<0>();
+#endif
     }
     // l over the 8 lanes of equal t; m is already uniform there
 #pragma unroll
@@ -534,77 +599,118 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
 
 // S q per query row in the K order of the key fragments, as 16-bit fixed point split into an s8
 // high plane and a u8 low plane, written in B-fragment order: (BH, NCH, 32 lanes) x 16 bytes
-// (b0 hi, b1 hi, b0 lo, b1 lo). perm[k] = sketch row at fragment position k.
+// (b0 hi, b1 hi, b0 lo, b1 lo). perm[k] = sketch row at fragment position k. Every sketch row has
+// norm sqrt(D), so |S q|_k <= sqrt(D) |q|: the step sqrt(D) |q| / 32767 needs no pass over S q, and
+// one CTA per (b, h, chunk of 32 positions) runs independently. Grid (B * H, NCH), 256 threads.
 extern "C" __global__ void __launch_bounds__(256) qjl_prep(
         const u16* q, i64 sqb, i64 sqh, i64 sqt, const float* S, const int* perm,
-        u8* sqf, int* sqsum, float* sqsig, int H, int G, int Tq, int M) {
-    const int bh = blockIdx.x, b = bh / H, h = bh % H;
+        u8* sqf, float* sqsig, int H, int G, int Tq, int M) {
+    const int bh = blockIdx.x, c = blockIdx.y, b = bh / H, h = bh % H;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     __shared__ float qs[8][D];
-    __shared__ float sq[8][MS];
-    __shared__ float red[8][8];
-    __shared__ int redi[8][8];
+    __shared__ float sig[8];
     for (int i = threadIdx.x; i < 8 * D; i += 256) {
         const int r = i / D, d = i % D;
         qs[r][d] = r < M ? q2f(q[b * sqb + (h * G + r / Tq) * sqh + (r % Tq) * sqt + d]) : 0.f;
     }
     __syncthreads();
-    for (int k = threadIdx.x; k < MS; k += 256) {
-        const float* srow = S + (i64)perm[k] * D;
-        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        for (int d = 0; d < D; d += 4) {
-            const float4 sv = *(const float4*)(srow + d);
+    {   // warp r: the step of row r
+        float ss = 0.f;
+        for (int d = lane; d < D; d += 32) ss += qs[warp][d] * qs[warp][d];
 #pragma unroll
-            for (int r = 0; r < 8; ++r)
-                acc[r] += sv.x * qs[r][d] + sv.y * qs[r][d + 1] + sv.z * qs[r][d + 2] + sv.w * qs[r][d + 3];
-        }
-#pragma unroll
-        for (int r = 0; r < 8; ++r) sq[r][k] = acc[r];
+        for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        const float st = sqrtf((float)D * ss) * (1.f / 32767.f) * 1.0001f;
+        if (lane == 0) { sig[warp] = st > 0.f ? st : 1.f; if (c == 0) sqsig[bh * 8 + warp] = st > 0.f ? st : 1.f; }
     }
     __syncthreads();
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    // warp w: row-wise |max| of row w
-    {
-        float mx = 0.f;
-        for (int k = lane; k < MS; k += 32) mx = fmaxf(mx, fabsf(sq[warp][k]));
+    const int r = warp, kk = lane;                        // thread: row r, position c*32 + kk
+    const float* srow = S + (i64)perm[c * 32 + kk] * D;
+    float acc = 0.f;
 #pragma unroll
-        for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-        if (lane == 0) red[warp][0] = mx > 0.f ? mx / 32767.f : 1.f;
+    for (int d = 0; d < D; d += 4) {
+        const float4 sv = *(const float4*)(srow + d);
+        acc += sv.x * qs[r][d] + sv.y * qs[r][d + 1] + sv.z * qs[r][d + 2] + sv.w * qs[r][d + 3];
     }
-    __syncthreads();
-    {
-        const float sig = red[warp][0];
-        int sum = 0;
-        for (int k = lane; k < MS; k += 32) {
-            const int Q = max(-32767, min(32767, __float2int_rn(sq[warp][k] / sig)));
-            sum += Q;
-            const int c = k / 32, kk = k % 32, tt = (kk % 16) / 4, e = kk % 4, half = kk / 16;
-            u8* base = sqf + (((i64)bh * NCH + c) * 32 + 4 * warp + tt) * 16;
-            base[half * 4 + e] = (u8)(Q >> 8);
-            base[8 + half * 4 + e] = (u8)(Q & 255);
-        }
-#pragma unroll
-        for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-        if (lane == 0) { sqsum[bh * 8 + warp] = sum; sqsig[bh * 8 + warp] = sig; }
-    }
+    const int Q = max(-32767, min(32767, __float2int_rn(acc / sig[r])));
+    const int tt = (kk % 16) / 4, e = kk % 4, half = kk / 16;
+    u8* base = sqf + (((i64)bh * NCH + c) * 32 + 4 * r + tt) * 16;
+    base[half * 4 + e] = (u8)(Q >> 8);
+    base[8 + half * 4 + e] = (u8)(Q & 255);
 }
 
-// merge the nslot partials of each (b, kv head, row): out (B, Hq, Tq, D) in q's dtype.
-// Grid (B * H, M), D threads.
-extern "C" __global__ void qjl_combine(
-        const float* opart, const float* lse, u16* out, i64 sob, i64 soh, i64 sot,
-        int H, int G, int Tq, int M, int nslot) {
-    const int bh = blockIdx.x, r = blockIdx.y, b = bh / H, h = bh % H, d = threadIdx.x;
-    const float* lp = lse + (i64)bh * nslot * 8 + r;
-    const float* op = opart + ((i64)bh * nslot * 8 + r) * D + d;
+// Per (b, kv head, query row): attention over the exact tokens [cl, n) (residual ring below n - T,
+// this step's tokens from n - T), merged with the nsplit partials of the compressed tokens.
+// Grid (B * H, M), D threads; out (B, Hq, Tq, D) in q's dtype. Every load is issued before its
+// use (scores: a token per thread; values and split weights staged through shared memory).
+#define EMAX 1024
+#define CH_E 64                 // exact tokens staged at a time
+extern "C" __global__ void __launch_bounds__(D) qjl_combine(const Args a, u16* out, i64 sob, i64 soh, i64 sot) {
+    const int bh = blockIdx.x, r = blockIdx.y, b = bh / a.H, h = bh % a.H, d = threadIdx.x;
+    const int n = (int)a.len[0];
+    const int c1 = n / RR * RR;
+    const int cl = min(c1, n - a.T);
+    const int e0 = max(cl, 0), ne = n - e0, n_old = n - a.T;
+    const int qh = h * a.G + r / a.Tq, tq = r % a.Tq;
+    __shared__ float qrow[D];
+    __shared__ float ps[EMAX];
+    __shared__ float wsp[EMAX];
+    __shared__ float red[D / 32];
+    __shared__ __align__(16) u16 vs[CH_E][D];
+    qrow[d] = q2f(a.q[b * a.sqb + qh * a.sqh + tq * a.sqt + d]);
+    const float* lp = a.lse + (i64)bh * a.nsplit * 8 + r;
     float mx = -INFINITY;
-    for (int s = 0; s < nslot; ++s) mx = fmaxf(mx, lp[s * 8]);
+    for (int s = d; s < a.nsplit; s += D) { const float v = lp[s * 8]; wsp[s] = v; mx = fmaxf(mx, v); }
+    __syncthreads();
+    for (int j = d; j < ne; j += D) {
+        const int pos = e0 + j;
+        const u16* kp = pos < n_old ? a.rk + b * a.srb + h * a.srh + (i64)(pos - c1) * a.srt
+                                    : a.kn + b * a.snb + h * a.snh + (i64)(pos - n_old) * a.snt;
+        float s = 0.f;
+#pragma unroll
+        for (int c = 0; c < D; c += 8) {
+            const uint4 kv = *(const uint4*)(kp + c);
+            const u32 w[4] = {kv.x, kv.y, kv.z, kv.w};
+#pragma unroll
+            for (int e = 0; e < 8; ++e) s += qrow[c + e] * q2f((u16)(w[e / 2] >> (16 * (e & 1))));
+        }
+        s = masked(a, s * a.qk_scale, b, h, r, pos, n, n);
+        ps[j] = s;
+        mx = fmaxf(mx, s);
+    }
+#pragma unroll
+    for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    if ((d & 31) == 0) red[d >> 5] = mx;
+    __syncthreads();
+    mx = red[0];
+#pragma unroll
+    for (int w = 1; w < D / 32; ++w) mx = fmaxf(mx, red[w]);
     const float mu = mx == -INFINITY ? 0.f : mx;
+    for (int j = d; j < ne; j += D) ps[j] = exp2f(ps[j] - mu);
+    for (int s = d; s < a.nsplit; s += D) wsp[s] = exp2f(wsp[s] - mu);
     float acc = 0.f, l = 0.f;
-#pragma unroll 8
-    for (int s = 0; s < nslot; ++s) {
-        const float w = exp2f(lp[s * 8] - mu);
+    for (int j0 = 0; j0 < ne; j0 += CH_E) {
+        const int cnt = min(CH_E, ne - j0);
+        __syncthreads();
+        for (int i = d; i < cnt * (D / 8); i += D) {          // 16-byte pieces of cnt value rows
+            const int jj = i / (D / 8), cc = (i % (D / 8)) * 8, pos = e0 + j0 + jj;
+            const u16* vp = pos < n_old ? a.rv + b * a.srb + h * a.srh + (i64)(pos - c1) * a.srt
+                                        : a.vn + b * a.snb + h * a.snh + (i64)(pos - n_old) * a.snt;
+            *(uint4*)&vs[jj][cc] = *(const uint4*)(vp + cc);
+        }
+        __syncthreads();
+        for (int jj = 0; jj < cnt; ++jj) {
+            const float p = ps[j0 + jj];
+            l += p;
+            acc += p * q2f(vs[jj][d]);
+        }
+    }
+    __syncthreads();
+    const float* op = a.opart + ((i64)bh * a.nsplit * 8 + r) * D + d;
+#pragma unroll 16
+    for (int s = 0; s < a.nsplit; ++s) {
+        const float w = wsp[s];
         l += w;
         acc += w * op[(i64)s * 8 * D];
     }
-    out[b * sob + (h * G + r / Tq) * soh + (r % Tq) * sot + d] = f2q(l > 0.f ? acc / l : 0.f);
+    out[b * sob + qh * soh + tq * sot + d] = f2q(l > 0.f ? acc / l : 0.f);
 }

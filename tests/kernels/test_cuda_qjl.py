@@ -142,6 +142,18 @@ def test_compile_error_names_the_source():
         compile_source("qjl_decode", dict(D=128), "sm_90")        # macros missing: NVRTC's log is shown
 
 
+@gpu
+@needs_gpu
+def test_unsupported_shapes_are_refused_with_the_reason():
+    st, consts, meta, gen = _state(1, 1, 256, 128, 256, 128, 8, 2, 32, 128, 200, torch.bfloat16, seed=1)
+    q = torch.randn(1, 16, 1, 128, generator=gen, device="cuda").to(torch.bfloat16)   # 16 rows per kv head
+    kn = torch.zeros(1, 1, 1, 128, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(cq.Unsupported, match="query rows"):
+        cq.qjl_attend_cuda(q, st, consts, kn, kn, None, True, None, meta)
+    with pytest.raises(cq.Unsupported, match="dtype"):
+        cq.qjl_attend_cuda(q[:, :4].float(), st, consts, kn, kn, None, True, None, meta)
+
+
 def test_unsupported_reasons_on_cpu():
     st = [torch.zeros((), dtype=torch.int64), torch.zeros(1, 2, 128, 128, dtype=torch.bfloat16)] + [None] * 9
     q = torch.zeros(1, 4, 1, 128, dtype=torch.bfloat16)
@@ -178,7 +190,7 @@ GRID = [  # B, H, G, Tq, D, m, mo, o, vb, vg, R, n, L, dtype
     (1, 3, 2, 2, 128, 512, 256, 8, 2, 32, 128, 3000, 4096, torch.float16),
     (2, 2, 4, 2, 64, 256, 0, 0, 2, 32, 32, 129, 320, torch.bfloat16),
     (1, 8, 4, 1, 128, 256, 128, 8, 2, 32, 128, 20000, 20480, torch.bfloat16),
-    (1, 1, 3, 1, 256, 256, 128, 8, 2, 32, 128, 500, 640, torch.float16),
+    (1, 1, 3, 1, 128, 512, 256, 8, 4, 64, 64, 500, 640, torch.float16),
 ]
 
 
