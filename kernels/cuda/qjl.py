@@ -134,10 +134,15 @@ def stage_bytes(D, m, mo, vb, vg) -> int:
 
 
 def _config(B, H, LC):
-    """Splits so that ~4 CTAs per SM are launched (132 SMs on an H100/H200), >= 128 tokens each."""
+    """(warps per CTA, splits) from static shapes (CUDA-graph safe).
+
+    H200 rows (benchmarks/results/attend-cuda-v5c.json, Llama-3-8B shape): with 8 kv heads, 32
+    splits beat 16 and 64 at 32k (50 vs 57 / 62 us) and 128k (106 vs 142 / 113 us); with 128
+    (batch x kv heads), 5 splits beat 16, 32 and 64 (213 vs 244 / 286 / 373 us at 16k).
+    So: about 4 CTAs per SM of work, at most 32 splits, at least 128 tokens per split.
+    """
     nw = 4
-    target = 4 * 132
-    nsplit = max(1, min(-(-target // (B * H)), max(1, LC // (32 * nw))))
+    nsplit = max(1, min(32, -(-4 * 132 // (B * H)), LC // (32 * nw)))
     return nw, nsplit
 
 
