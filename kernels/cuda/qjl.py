@@ -146,6 +146,13 @@ def _config(B, H, LC):
     return nw, nsplit
 
 
+def split_plan(LC: int, nsplit: int, nw: int) -> tuple[int, int]:
+    """(tokens per split, splits): chunks of whole 32-token groups per warp covering LC positions."""
+    step = 32 * nw
+    chunk = max(step, -(-(-(-LC // nsplit)) // step) * step)
+    return chunk, max(1, -(-LC // chunk))
+
+
 def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, scale=None, meta=None,
                     nsplit=None, num_warps=None, min_blocks=None, sq_smem=None, stages=None):
     """Fused QJL decode attention, CUDA C++ (semantics of kernels.reference.attend).
@@ -197,10 +204,7 @@ def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
     nw, ns = _config(B, H, LC)
     nw = num_warps or nw
     ns = nsplit or ns
-    step = 32 * nw
-    per = -(-LC // ns)
-    chunk = max(step, -(-per // step) * step)
-    ns = max(1, -(-LC // chunk))
+    chunk, ns = split_plan(LC, ns, nw)
     if ns > 1024:
         raise Unsupported(f"{ns} splits > 1024 (the combine's weight table); pass a smaller nsplit")
     causal = bool(is_causal) and attn_mask is None

@@ -263,3 +263,37 @@ def test_dispatch_takes_the_cuda_kernel():
     want = ref.attend(q, st, consts, kn, kn, None, True, None, meta)
     assert ((out.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
     assert not math.isnan(out.float().sum().item())
+
+
+def _macros(path):
+    """#define NAME expr lines of the kernel source (only simple ones)."""
+    out = {}
+    for line in open(path):
+        m = re.match(r"#define (ST_\w+) (.+?)\s*(//.*)?$", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+@pytest.mark.parametrize("D,m,mo,vb,vg", [(128, 256, 128, 2, 32), (128, 512, 256, 4, 64), (64, 128, 0, 2, 32)])
+def test_stage_bytes_match_the_kernel_layout(D, m, mo, vb, vg):
+    import os
+    src = os.path.join(os.path.dirname(cq.__file__), "qjl_decode.cu")
+    env = dict(D=D, MS=m, MO=mo, VB=vb, VG=vg)
+    vals = {}
+    for name, expr in _macros(src).items():
+        e = expr
+        for k, v in {**env, **vals}.items():
+            e = re.sub(rf"\b{k}\b", str(v), e)
+        vals[name] = eval(e.replace("/", "//"))
+    assert vals["ST_SIZE"] == cq.stage_bytes(D, m, mo, vb, vg)
+    for k in ("ST_OBITS", "ST_NORM", "ST_CODE", "ST_SCALE", "ST_ZERO", "ST_SIZE"):
+        assert vals[k] % 16 == 0, (k, vals[k])        # cp.async 16-byte pieces stay aligned
+
+
+@pytest.mark.parametrize("B,H,LC", [(1, 8, 4096), (1, 8, 131072), (16, 8, 16384), (64, 8, 1024), (1, 1, 128)])
+def test_launch_table_covers_the_cache(B, H, LC):
+    nw, ns = cq._config(B, H, LC)
+    assert 1 <= ns <= 32 and nw == 4
+    chunk, ns2 = cq.split_plan(LC, ns, nw)
+    assert chunk % (32 * nw) == 0 and chunk * ns2 >= LC and chunk * (ns2 - 1) < LC and ns2 <= ns
