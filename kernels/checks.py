@@ -53,16 +53,24 @@ def check_attend(q, state, k_new, v_new, B, H, D, what):
     return q, k_new, v_new, q.shape[2], k_new.shape[2], q.shape[1] // H
 
 
+def qjl_center(meta) -> bool:
+    """True if a QJL meta asks for key centering (7th entry = R; QJLConfig.qjl_center). Old
+    6-entry metas are plain QJL."""
+    return len(meta) > 6 and int(meta[6]) != 0
+
+
 def check_qjl(state, consts, meta, what):
     """Shared checks of a QJL layer state; returns (B, H, R, D, L, m, mo, o, vb, vg, LC)."""
     if int(meta[0]) != 0:
         raise NotImplementedError(f"{what}: this is the QJL (codec 0) kernel, got codec {meta[0]} "
                                   "(kernels/triton KERNELS dispatches by codec)")
-    if len(meta) != 6:
-        raise ValueError(f"{what}: QJL meta must be [0, R, L, o, value_bits, value_group], got {list(meta)}")
-    if len(state) != 11 or len(consts) != 2:
-        raise ValueError(f"{what}: QJL state has 11 tensors and consts 2, got {len(state)} and {len(consts)}")
-    _, R, L, o, vb, vg = (int(x) for x in meta)
+    if len(meta) not in (6, 7) or (len(meta) == 7 and int(meta[6]) not in (0, int(meta[1]))):
+        raise ValueError(f"{what}: QJL meta must be [0, R, L, o, value_bits, value_group] or the same + [center] "
+                         f"(center = 0 or R: key centering, QJLConfig.qjl_center), got {list(meta)}")
+    center = qjl_center(meta)
+    if len(state) != 11 + center or len(consts) != 2:
+        raise ValueError(f"{what}: QJL state has {11 + center} tensors and consts 2, got {len(state)} and {len(consts)}")
+    _, R, L, o, vb, vg = (int(x) for x in meta[:6])
     rk = state[1]
     B, H, Rr, D = rk.shape
     m, mo = consts[0].shape[0], consts[1].shape[0]
@@ -79,6 +87,8 @@ def check_qjl(state, consts, meta, what):
     LC = L // R * R
     expect = [(B, H, LC, m // 8), (B, H, LC), (B, H, LC, mo // 8), (B, H, LC), (B, H, LC // 32, o),
               (B, H, LC, D * vb // 8), (B, H, LC, D // vg), (B, H, LC, D // vg)]
+    if center:
+        expect.append((B, H, LC // R, D))          # kmean: one mean key per block
     for i, (tns, shp) in enumerate(zip(state[3:], expect)):
         if tuple(tns.shape) != shp or not tns.is_contiguous():
             raise ValueError(f"{what}: state[{i + 3}] must be contiguous {shp}, got {tuple(tns.shape)} "

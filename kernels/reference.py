@@ -278,40 +278,74 @@ class Codec(abc.ABC):
         return self.decompress(bufs, consts, params)[1]
 
 
+def qjl_center_block(params) -> int:
+    """Key-centering block of QJL params [o, value_bits, value_group(, center)]: 0 = off, else R."""
+    return int(params[3]) if len(params) > 3 else 0
+
+
+def block_means(k, block, side_dtype=torch.float16):
+    """(..., N, D) -> per-block mean (..., N/block, D), rounded to `side_dtype` (what is stored)."""
+    *lead, n, d = k.shape
+    return k.float().reshape(*lead, n // block, block, d).mean(-2).to(side_dtype)
+
+
 class QJLCodec(Codec):
-    """QJL keys (1-bit sketch + outliers), min/max values. params = [o, value_bits, value_group]."""
+    """QJL keys (1-bit sketch + outliers), min/max values. params = [o, value_bits, value_group]
+    or [o, value_bits, value_group, center]: center = R (the block size) subtracts each
+    compressed block's mean key (per batch and kv head) before the outlier split and the sketch,
+    stores the mean (buffer "kmean", one side-dtype D-vector per block: 16/R bits per key value)
+    and adds q . mean exactly to every score of the block (k_hat = mean + QJL k_hat of the rest,
+    so the dequantized-key identity still holds)."""
     id = 0
     name = "qjl"
 
     def specs(self, d, consts, params):
-        o, vb, vg = params
+        o, vb, vg = params[:3]
         m, mo = consts[0].shape[0], consts[1].shape[0]
-        return [Spec("kbits", 1, (m // 8,), torch.uint8), Spec("knorm", 1, (), "side"),
-                Spec("kobits", 1, (mo // 8,), torch.uint8), Spec("konorm", 1, (), "side"),
-                Spec("kidx", GROUP, (o,), torch.uint8), Spec("vcodes", 1, (d * vb // 8,), torch.uint8),
-                Spec("vscale", 1, (d // vg,), "side"), Spec("vzero", 1, (d // vg,), "side")]
+        out = [Spec("kbits", 1, (m // 8,), torch.uint8), Spec("knorm", 1, (), "side"),
+               Spec("kobits", 1, (mo // 8,), torch.uint8), Spec("konorm", 1, (), "side"),
+               Spec("kidx", GROUP, (o,), torch.uint8), Spec("vcodes", 1, (d * vb // 8,), torch.uint8),
+               Spec("vscale", 1, (d // vg,), "side"), Spec("vzero", 1, (d // vg,), "side")]
+        cb = qjl_center_block(params)
+        if cb:
+            out.append(Spec("kmean", cb, (d,), "side"))
+        return out
 
     def compress(self, k, v, consts, params, side_dtype=torch.float16):
-        o, vb, vg = params
+        o, vb, vg = params[:3]
+        cb = qjl_center_block(params)
         S, So = consts
+        extra = []
+        if cb:
+            mean = block_means(k, cb, side_dtype)
+            k = k.float() - mean.float().repeat_interleave(cb, dim=-2)
+            extra = [mean]
         bits, norm, obits, onorm, idx = qjl_quantize_keys(k, S, So, o, side_dtype)
         codes, scale, zero = quantize_values(v, vb, vg, side_dtype)
-        return [bits, norm, obits, onorm, idx, codes, scale, zero]
+        return [bits, norm, obits, onorm, idx, codes, scale, zero, *extra]
 
     def decompress(self, bufs, consts, params):
         return self.keys(bufs, consts, params), self.values(bufs, consts, params)
 
     def keys(self, bufs, consts, params):
         bits, norm, obits, onorm, idx = bufs[:5]
-        return qjl_dequantize_keys(bits, norm, obits, onorm, idx, *consts)
+        k = qjl_dequantize_keys(bits, norm, obits, onorm, idx, *consts)
+        cb = qjl_center_block(params)
+        if cb:
+            k = k + bufs[8].float().repeat_interleave(cb, dim=-2)
+        return k
 
     def values(self, bufs, consts, params):
-        _, vb, vg = params
+        vb, vg = params[1:3]
         return dequantize_values(bufs[5], bufs[6], bufs[7], vb, vg)
 
     def scores(self, q, bufs, consts, params):
         bits, norm, obits, onorm, idx = bufs[:5]
-        return qjl_scores(q, bits, norm, obits, onorm, idx, *consts)
+        s = qjl_scores(q, bits, norm, obits, onorm, idx, *consts)
+        cb = qjl_center_block(params)
+        if cb:   # exact q . mean of each token's block
+            s = s + (q.float() @ bufs[8].float().transpose(-1, -2)).repeat_interleave(cb, dim=-1)
+        return s
 
 
 CODECS: dict[int, Codec] = {QJLCodec.id: QJLCodec()}

@@ -23,7 +23,7 @@ def _codec_setup(cfg: QJLConfig, layer_idx: int, d: int):
     if cfg.method == "qjl":
         m, mo = cfg.sketch_dims(layer_idx)
         consts = [ref.sketch(d, m, cfg.seed, 2 * layer_idx), ref.sketch(d, mo, cfg.seed, 2 * layer_idx + 1)]
-        params = [cfg.outliers, cfg.value_bits, cfg.value_group]
+        params = [cfg.outliers, cfg.value_bits, cfg.value_group] + ([cfg.residual] if cfg.qjl_center else [])
     elif cfg.method == "rotation":
         from .kernels import rotation as rot
         kb, vb = cfg.rotation_bits(layer_idx)

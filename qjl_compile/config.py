@@ -59,6 +59,18 @@ class QJLConfig:
         Rotation codec: subtract the per-block (R tokens) mean key / value before coding and store
         it (side dtype, D values per block and head: 16/R bits per value). Keys of real models
         share a large mean direction, so centering keys is worth about one bit.
+    qjl_center : bool
+        QJL codec: per compressed block (R tokens) and (batch, kv head), subtract the block's mean
+        key before the outlier split and the 1-bit sketch, store the mean (side dtype, D values per
+        block: 16/R bits per key value, counted) and add q . mean exactly to the scores. The QJL
+        estimator's variance grows with the whole key norm, and real keys share a large mean.
+        Triton append supports it; the fused attend kernels do not (a centered cache attends
+        through the sync-free SDPA route on CUDA, said once in the log).
+    rotation_layer_key_bits : tuple of int
+        Rotation codec: per-layer key bits (one entry per layer, 1-4) overriding
+        ``rotation_key_bits`` / ``rotation_initial_bits`` for keys; () = off. A fixed schedule
+        (e.g. picked from a per-layer sensitivity sweep on tuning windows): bits are per layer, so
+        every kernel runs it unchanged.
     sink_tokens : int
         The first ``sink_tokens`` positions are kept exact (attention sink); rotation codec only.
     seed : int
@@ -84,6 +96,8 @@ class QJLConfig:
     rotation_unbiased: bool = False
     rotation_scale: str = "lsq"
     rotation_center: str = "none"
+    qjl_center: bool = False
+    rotation_layer_key_bits: tuple = ()
     sink_tokens: int = 0
     seed: int = 42
     side_dtype: str = "float16"
@@ -130,6 +144,15 @@ class QJLConfig:
             bad("rotation_scale", f"one of {ROTATION_SCALES}")
         if self.rotation_center not in ROTATION_CENTERS:
             bad("rotation_center", f"one of {tuple(ROTATION_CENTERS)}")
+        if not isinstance(self.qjl_center, bool):
+            bad("qjl_center", "True or False")
+        if self.qjl_center and self.method != "qjl":
+            bad("qjl_center", "False unless method='qjl' (the rotation codec has rotation_center)")
+        if not isinstance(self.rotation_layer_key_bits, tuple) or any(
+                b not in (1, 2, 3, 4) for b in self.rotation_layer_key_bits):
+            bad("rotation_layer_key_bits", "a tuple of ints in [1, 4] (one per layer) or ()")
+        if self.rotation_unbiased and any(b < 2 for b in self.rotation_layer_key_bits):
+            bad("rotation_layer_key_bits", "entries >= 2 with rotation_unbiased=True")
         if not isinstance(self.sink_tokens, int) or not 0 <= self.sink_tokens <= self.residual:
             bad("sink_tokens", "an integer in [0, residual]")
         if self.sink_tokens and self.method != "rotation":
@@ -152,6 +175,11 @@ class QJLConfig:
         kb, vb = self.rotation_key_bits, self.rotation_value_bits
         if layer_idx < self.initial_layers and self.rotation_initial_bits:
             kb, vb = max(kb, self.rotation_initial_bits), max(vb, self.rotation_initial_bits)
+        if self.rotation_layer_key_bits:
+            if layer_idx >= len(self.rotation_layer_key_bits):
+                raise ValueError(f"QJLConfig.rotation_layer_key_bits has {len(self.rotation_layer_key_bits)} "
+                                 f"entries, the model has more layers (layer {layer_idx}): one entry per layer")
+            kb = self.rotation_layer_key_bits[layer_idx]
         return kb, vb
 
     def check_head_dim(self, head_dim: int) -> None:

@@ -111,6 +111,14 @@ def _attend_cuda(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, me
                          f"{state[1].shape[1]} kv heads and D={state[1].shape[-1]}, got {tuple(q.shape)}")
     G = q.shape[1] // state[1].shape[1]
     fn = _kernel(int(meta[0]), 1)
+    if fn is not None and int(meta[0]) == 0 and len(meta) > 6 and int(meta[6]):
+        # QJL key centering (QJLConfig.qjl_center) has no fused attend kernel (Triton or CUDA C++)
+        fn = None
+        if "qjl-center" not in _NOTED:
+            _NOTED.add("qjl-center")
+            log.warning("qjl::attend: QJL key centering (QJLConfig.qjl_center=True) has no fused attend kernel; "
+                        "running SDPA over the sync-free dequantization (reference.attend_nosync): correct, "
+                        "CUDA-graph safe, O(cache) per step")
     if fn is None or q.shape[2] * G > MAX_FUSED_ROWS:
         # the fused kernels are decode kernels (a few query rows per kv head); long chunks (chunked
         # prefill) and codecs without a kernel take SDPA over the device-side dequantization

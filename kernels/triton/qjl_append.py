@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .qjl_attend import _TL, _interpret, _p2, check_device, check_qjl, sketch_t
+from .qjl_attend import _TL, _interpret, _p2, check_device, check_qjl, qjl_center, sketch_t
 
 _SIDE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -66,12 +66,13 @@ def _compress(
     K, V, skb, skh, skt,                     # new tokens (B, H, T, D)
     RK, RV, srb, srh, srt,                   # ring (B, H, R, D)
     LEN,
-    KBITS, KNORM, KOBITS, KONORM, KIDX, VCODE, VSCALE, VZERO,
+    KBITS, KNORM, KOBITS, KONORM, KIDX, VCODE, VSCALE, VZERO, KMEAN,
     S_T, SO_T,                               # (D, m), (D, m_out) fp32
     H, T, LC,
     R: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, MS: tl.constexpr, MO: tl.constexpr,
     NO: tl.constexpr, VB: tl.constexpr, VG: tl.constexpr, NGVP: tl.constexpr,
     MC: tl.constexpr, MOC: tl.constexpr, SIDE: tl.constexpr, PREC: tl.constexpr,
+    CENTER: tl.constexpr, RP: tl.constexpr,
 ):
     gi = tl.program_id(0)
     bh = tl.program_id(1)
@@ -123,6 +124,22 @@ def _compress(
 
         k = tl.where(m_r, tl.load(RK + off_r, mask=m_r, other=0.0), tl.load(K + off_n, mask=m_n, other=0.0))
         k = k.to(tl.float32)                                            # (32, DP)
+        if CENTER:
+            # key centering: the mean key of this group's R-token block (every group of the block
+            # recomputes it; the block's first group stores it), rounded to the side dtype as stored
+            bs = p0 // R * R
+            bt = bs + tl.arange(0, RP)
+            b_ok = bt < bs + R
+            br = b_ok & (bt < n)
+            mbr = br[:, None] & d_ok[None, :]
+            mbn = (b_ok & (bt >= n))[:, None] & d_ok[None, :]
+            kb = tl.where(mbr, tl.load(RK + b * srb + h * srh + (bt - c0)[:, None] * srt + dd[None, :], mask=mbr,
+                                       other=0.0),
+                          tl.load(K + b * skb + h * skh + (bt - n)[:, None] * skt + dd[None, :], mask=mbn, other=0.0))
+            mean = (tl.sum(kb.to(tl.float32), 0) / R).to(SIDE)          # (DP,)
+            if p0 == bs:
+                tl.store(KMEAN + (bh * (LC // R) + bs // R) * D + dd, mean, mask=d_ok)
+            k = tl.where(m_r | m_n, k - mean.to(tl.float32)[None, :], 0.0)
         # outliers: the NO channels of largest L2 norm over the group, stored sorted ascending
         if NO > 0:
             cn = tl.sum(k * k, 0)                                       # (DP,)
@@ -184,6 +201,7 @@ def qjl_append_(state, consts, k, v, meta):
     No overflow check (it would need a host sync): callers check length + T <= L on the host.
     """
     B, H, R, D, L, m, mo, o, vb, vg, LC = check_qjl(state, consts, meta, "qjl_append_")
+    center = qjl_center(meta)          # QJLConfig.qjl_center: state[11] holds the block means
     check_device(k, v, state[0], state[1], consts[0], what="qjl_append_")
     rk, rv = state[1], state[2]
     if k.dim() != 4 or k.shape != v.shape or tuple(k.shape[:2]) != (B, H) or k.shape[3] != D:
@@ -208,10 +226,11 @@ def qjl_append_(state, consts, k, v, meta):
         _compress[(ngroups, B * H)](
             k, v, k.stride(0), k.stride(1), k.stride(2),
             rk, rv, rk.stride(0), rk.stride(1), rk.stride(2),
-            state[0], *state[3:11], S_T, SO_T, H, T, LC,
+            state[0], *state[3:11], state[11] if center else state[4], S_T, SO_T, H, T, LC,
             R=R, D=D, DP=DP, MS=m, MO=mo, NO=o, VB=vb, VG=vg, NGVP=_p2(D // vg),
             MC=min(64, _p2(m)), MOC=min(64, _p2(max(mo, 16))), SIDE=_SIDE[side],
             PREC="ieee" if _interpret() else "tf32x3",     # tf32x3: ~fp32 accuracy on tensor cores
+            CENTER=bool(center), RP=_p2(R),
             num_warps=8,                                    # 4 warps spill (ptxas report, sm_90)
         )
     BS = 32

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .. import reference as ref
-from ..checks import check_attend, check_qjl, mask_args  # noqa: F401  (re-exported for the codecs)
+from ..checks import check_attend, check_qjl, mask_args, qjl_center  # noqa: F401  (re-exported for the codecs)
 
 LOG2E = 1.4426950408889634
 
@@ -517,6 +517,10 @@ def qjl_attend(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, 
         (B, Hq, Tq, D) in q's dtype.
     """
     B, H, R, D, L, m, mo, o, vb, vg, LC = check_qjl(state, consts, meta, "qjl_attend")
+    if qjl_center(meta):
+        raise NotImplementedError("qjl_attend: key centering (QJLConfig.qjl_center=True) is not implemented in the "
+                                  "fused Triton QJL attend kernel; qjl::attend on CUDA routes a centered cache to "
+                                  "the sync-free SDPA path (reference.attend_nosync)")
     check_device(q, k_new, v_new, state[0], state[1], attn_mask, consts[0], what="qjl_attend")
     q, k_new, v_new, Tq, T, G = check_attend(q, state, k_new, v_new, B, H, D, "qjl_attend")
     M = G * Tq
