@@ -6,6 +6,10 @@ Recognised (through the same GQA repeat / enable_gqa / contiguous chain the fusi
   ``index_copy_`` (or, on devices without it, index assignment ``keys[:, :, pos] = ...``).
 The first time one is found in a process, one warning names the fix (QJLCache /
 ``qjl_compile.compile``); each site is counted in ``counters["qjl"]["uncompressed_cache_attention"]``.
+
+Attention over the exact sliding-window layers of a hybrid `QJLCache` (a ``StaticSlidingWindowLayer``,
+whose buffers the graph receives as inputs) is not an uncompressed cache: it is left exact by design,
+recorded as such on its site and counted in ``counters["qjl"]["sliding_exact"]``, never warned about.
 """
 from __future__ import annotations
 
@@ -62,6 +66,38 @@ def _written_in_place(node: fx.Node) -> str | None:
     return None
 
 
+def _root_input(node, depth: int = 8):
+    """The graph input a key is read from (through first arguments: slices, cat's first part), or None."""
+    cur = node
+    for _ in range(depth):
+        if not isinstance(cur, fx.Node):
+            return None
+        if cur.op in ("placeholder", "get_attr"):
+            return cur
+        if cur.op not in ("call_function", "call_method") or not cur.args:
+            return None
+        a0 = cur.args[0]
+        cur = a0[0] if isinstance(a0, (list, tuple)) and a0 else a0
+    return None
+
+
+def is_qjl_sliding(src) -> bool:
+    """True if the traced key source reads the buffer of a QJLCache sliding-window layer (kept exact)."""
+    from ..cache import is_exact_buffer
+
+    root = _root_input(src.base)
+    if root is None or root.op != "placeholder":
+        return False
+    try:
+        example = root.meta["grapharg"].example  # Dynamo's graph input: the real tensor
+    except Exception:  # noqa: BLE001 - no grapharg (not a Dynamo graph) or its example is gone
+        return False
+    return is_exact_buffer(example)
+
+
+SLIDING_NOTE = "sliding-window layer: kept exact by QJLCache (bounded at the window), by design"
+
+
 def classify(src) -> str | None:
     """'DynamicCache (torch.cat)' / 'StaticCache (index_copy_)' / None for a traced key source."""
     b = src.base
@@ -95,7 +131,17 @@ class DetectUncompressedCache:
             if not is_sdpa(node):
                 continue
             a = bind_sdpa(node)
-            kind = classify(trace_kv(a["key"]))
+            src = trace_kv(a["key"])
+            if is_qjl_sliding(src):
+                site = ctx.site(node, layer_of(node))
+                site.matched = "QJLCache sliding window (exact)"
+                site.became = "unchanged (exact)"
+                site.reason = SLIDING_NOTE
+                bump("sliding_exact")
+                log.debug("%s: %s attends over an exact QJLCache sliding layer (layer %s)", self.name, node.name,
+                          site.layer)
+                continue
+            kind = classify(src)
             if kind is None:
                 continue
             site = ctx.site(node, layer_of(node))

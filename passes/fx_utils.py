@@ -317,3 +317,46 @@ def trace_kv(node: Any, max_depth: int = 16) -> KVSource:
         return src
     src.groups = G
     return src
+
+
+# ----------------------------------------------------------------------------------------------
+# what an eager (matmul + softmax) attention does to the scores of dequantized keys
+# ----------------------------------------------------------------------------------------------
+_SOFTMAX = {"softmax", torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax, aten._softmax.default,
+            aten.softmax.int}
+_TANH = {"tanh", torch.tanh, torch.Tensor.tanh, aten.tanh.default}
+_CAT = {torch.cat, torch.concat, torch.concatenate, aten.cat.default}
+
+
+def _in(t, table) -> bool:
+    try:
+        return t in table
+    except TypeError:
+        return False
+
+
+def score_features(dequantize: fx.Node, limit: int = 64) -> set[str]:
+    """Walk forward from the keys of a ``qjl.dequantize`` (output 0) up to the softmax and name what the
+    scores go through that ``qjl.attend`` cannot do: "softcap" (tanh on the scores: logit soft-capping,
+    Gemma 2's attn_logit_softcapping) and "sinks" (a logit column concatenated to the scores before the
+    softmax: gpt-oss's attention sinks). "eager" is always added when a softmax is reached (the attention
+    is a matmul/softmax one, not SDPA). Empty if the keys reach no softmax within `limit` nodes."""
+    keys = [u for u in dequantize.users if u.target is operator.getitem and len(u.args) > 1 and u.args[1] == 0]
+    seen, todo, found = set(), list(keys), set()
+    while todo and len(seen) < limit:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        t = n.target if n.op in ("call_function", "call_method") else None
+        if t is not None and _in(t, _SOFTMAX):
+            found.add("eager")
+            continue  # the probabilities and everything after them are not the scores
+        if t is not None and _in(t, _TANH):
+            found.add("softcap")
+        if t is not None and _in(t, _CAT):
+            found.add("sinks")
+        todo.extend(n.users)
+    if "eager" not in found:
+        return set()
+    return found

@@ -313,9 +313,7 @@ def _prepare_cache_for_generation(self, *args, **kwargs):
     device = self.device
     c = st.cache
     reusable = not generation_config.return_dict_in_generate  # a returned cache belongs to the caller
-    if (reusable and c is not None and c.max_cache_len == length and c.layers[0].is_initialized
-            and c.layers[0].state[1].shape[0] == batch and c.layers[0].dtype == dtype
-            and c.layers[0].device == device):
+    if reusable and c is not None and c.max_cache_len == length and c.storage() == (batch, dtype, device):
         c.reset()  # same storage: static addresses kept, no recompilation
     else:
         c = QJLCache(cfg, max_cache_len=length, qjl_config=st.config, batch_size=batch, device=device, dtype=dtype)

@@ -142,7 +142,7 @@ def report_unfused(gm: fx.GraphModule, ctx) -> int:
     ``qjl.attend``. Returns the number of such sites/nodes; counter ``qjl/unfused``.
     """
     from .diagnostics import warn_once
-    from .passes.fx_utils import is_qjl_op, layer_of
+    from .passes.fx_utils import is_qjl_op, layer_of, score_features
     from .passes.manager import bump
 
     found = []
@@ -155,8 +155,16 @@ def report_unfused(gm: fx.GraphModule, ctx) -> int:
     for n in gm.graph.nodes:
         if is_qjl_op(n, "dequantize") and n.name not in explained:
             # K/V that reach no attention the fusion pass looked at
-            found.append((layer_of(n), UNSEEN, "use attn_implementation='sdpa' and remove graph breaks around the "
-                                               "attention (TORCH_LOGS=graph_breaks shows them)"))
+            feats = score_features(n)
+            if "softcap" in feats:
+                found.append((layer_of(n), SOFTCAP, SOFTCAP_FIX))
+            elif "sinks" in feats:
+                found.append((layer_of(n), SINKS, SINKS_FIX))
+            elif feats:
+                found.append((layer_of(n), EAGER, "use attn_implementation='sdpa'"))
+            else:
+                found.append((layer_of(n), UNSEEN, "use attn_implementation='sdpa' and remove graph breaks around "
+                                                   "the attention (TORCH_LOGS=graph_breaks shows them)"))
     if not found:
         return 0
     bump("unfused", len(found))
@@ -172,6 +180,16 @@ def report_unfused(gm: fx.GraphModule, ctx) -> int:
 UNSEEN = ("the dequantized K/V reach no scaled_dot_product_attention the fusion pass recognises: they leave the "
           "graph (a graph break between QJLCache.update and the attention), feed an attention that is not SDPA "
           "(attn_implementation='eager'), or pass through ops other than HF's repeat_kv")
+
+
+SOFTCAP = ("the attention applies logit soft-capping (tanh on the scores, e.g. Gemma 2's attn_logit_softcapping), "
+           "which qjl.attend does not implement, so the site is not rewritten")
+SOFTCAP_FIX = ("none needed for correctness; for the fused op use a model config with attn_logit_softcapping=None "
+               "and attn_implementation='sdpa'")
+SINKS = ("the attention adds sink logits to the scores (gpt-oss style attention sinks), which qjl.attend does not "
+         "implement, so the site is not rewritten")
+SINKS_FIX = "none needed for correctness; qjl-compile has no fused attention with sinks yet"
+EAGER = "the attention is an eager matmul + softmax (attn_implementation='eager'), not scaled_dot_product_attention"
 
 
 def _register() -> None:

@@ -1,5 +1,12 @@
 """`QJLCache`: a transformers `Cache` whose layers store K/V compressed (QJL or DecoQuant).
 
+Hybrid models (``config.layer_types`` mixing "full_attention" and "sliding_attention": Gemma 2/3,
+gpt-oss, Qwen2 with ``max_window_layers``) get one compressed layer per full-attention layer and, per
+sliding-window layer, transformers' own static sliding-window layer (`QJLSlidingLayer`, a
+``StaticSlidingWindowLayer``: bounded at the window, exact, static addresses). The backend rewrites
+only attention over the compressed layers; attention over the exact sliding layers is counted as
+intentionally exact (``counters["qjl"]["sliding_exact"]``), never reported as a fallback.
+
 Storage is allocated once at `max_cache_len` (static addresses), the length lives in a device
 tensor, and `update()` is two ops: `qjl::append` (store/compress) then `qjl::dequantize` (the
 K/V any HF attention path can consume, the estimator's result by construction). Under
@@ -7,8 +14,10 @@ K/V any HF attention path can consume, the estimator's result by construction). 
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, StaticSlidingWindowLayer
 from transformers.utils import is_torchdynamo_compiling
 
 from . import diagnostics
@@ -37,22 +46,55 @@ def _codec_setup(cfg: QJLConfig, layer_idx: int, d: int):
     return codec, consts, params
 
 
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+# model types whose attention adds per-head sink logits (gpt-oss): transformers' SDPA path drops them
+_SINK_MODELS = ("gpt_oss",)
+
+
+def layer_types_of(config) -> list[str]:
+    """Per-layer attention type: ``config.layer_types`` if set; else all sliding when the config has an
+    active ``sliding_window`` (Mistral/Qwen2 style), else all full attention."""
+    n = config.num_hidden_layers
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return list(types)
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) is not False:
+        return [SLIDING] * n
+    return [FULL] * n
+
+
 def check_model_config(config) -> None:
     """Raise ValueError naming why a model cannot use the compressed cache."""
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError("QJLCache serves decoder-only models; this config is encoder-decoder "
                          f"({type(config).__name__}). Use the model's default cache.")
-    types = getattr(config, "layer_types", None)
-    if types is not None and any(t != "full_attention" for t in types):
-        bad = sorted({t for t in types if t != "full_attention"})
-        raise ValueError(f"QJLCache only compresses full-attention layers; this model has {bad} layers "
-                         "(sliding-window/hybrid). Use transformers' own cache for it.")
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) is not False:
-        raise ValueError(f"QJLCache does not support sliding-window attention (sliding_window="
-                         f"{config.sliding_window}); use transformers' own cache for this model.")
     for f in ("num_hidden_layers", "num_attention_heads"):
         if not hasattr(config, f):
             raise ValueError(f"QJLCache needs a Llama-style config with `{f}`; {type(config).__name__} has none")
+    types = layer_types_of(config)
+    bad = sorted({t for t in types if t not in (FULL, SLIDING)})
+    if bad:
+        raise ValueError(f"QJLCache compresses full-attention layers and keeps sliding-window layers exact; this "
+                         f"model has {bad} layers, which it cannot hold. Use transformers' own cache for it.")
+    if FULL not in types:
+        raise ValueError(f"QJLCache: every layer of this model is sliding-window attention (sliding_window="
+                         f"{getattr(config, 'sliding_window', None)}): the cache is bounded by the window already and "
+                         "QJLCache has no full-attention layer to compress. Use transformers' StaticCache for it.")
+    if SLIDING in types and not getattr(config, "sliding_window", None):
+        raise ValueError("QJLCache: the config has sliding_attention layers but no sliding_window size")
+    impl = getattr(config, "_attn_implementation", None)
+    if impl == "sdpa" and getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ValueError(f"QJLCache: attn_logit_softcapping={config.attn_logit_softcapping} with "
+                         "attn_implementation='sdpa': SDPA (and the fused qjl.attend) has no logit soft-capping, so "
+                         "the scores would be computed without it. Use attn_implementation='eager' (correct over the "
+                         "compressed cache; the compiled step then leaves that attention unfused and says so) or a "
+                         "config with attn_logit_softcapping=None.")
+    if impl == "sdpa" and getattr(config, "model_type", None) in _SINK_MODELS:
+        raise ValueError(f"QJLCache: {config.model_type} attention adds learned sink logits, which SDPA (and the "
+                         "fused qjl.attend) does not support, so they would be dropped. Use attn_implementation="
+                         "'eager' (correct over the compressed cache; the compiled step leaves that attention "
+                         "unfused and says so).")
 
 
 def head_dim_of(config) -> int:
@@ -185,15 +227,80 @@ class QJLLayer(CacheLayerMixin):
         return bits["k"], bits["v"]
 
 
+# the exact K/V buffers of QJLCache sliding layers: the detection pass recognises them in a graph (through
+# Dynamo's graph inputs) and counts their attention as intentionally exact, not as an uncompressed cache
+_EXACT_BUFFERS: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def is_exact_buffer(t) -> bool:
+    """True if `t` is the key or value buffer of a `QJLSlidingLayer` (identity, not equality)."""
+    return isinstance(t, torch.Tensor) and _EXACT_BUFFERS.get(id(t)) is t
+
+
+class QJLSlidingLayer(StaticSlidingWindowLayer):
+    """A sliding-window layer of a hybrid model inside a `QJLCache`: transformers' own
+    ``StaticSlidingWindowLayer`` (storage bounded at min(window, max_cache_len), static addresses,
+    exact K/V), with the QJLCache rules for what static storage cannot do (crop, batch resizing) and an
+    in-place beam reorder."""
+
+    is_croppable = False
+
+    def __init__(self, layer_idx: int, max_cache_len: int, sliding_window: int, head_dim: int,
+                 kv_heads: int | None = None):
+        super().__init__(max_cache_len=max_cache_len, sliding_window=sliding_window)
+        self.layer_idx, self.head_dim, self.kv_heads, self.sliding_window = layer_idx, head_dim, kv_heads, sliding_window
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        B, H, _, D = key_states.shape
+        if D != self.head_dim or (self.kv_heads is not None and H != self.kv_heads):
+            raise ValueError(f"QJLCache sliding layer {self.layer_idx} got keys with {H} heads x head_dim {D}, but the "
+                             f"cache was built for {self.kv_heads} x {self.head_dim}: a cache made for another model? "
+                             f"{_BUILD_FIX}")
+        super().lazy_initialization(key_states, value_states)
+        self.dtype = key_states.dtype
+        for t in (self.keys, self.values):
+            _EXACT_BUFFERS[id(t)] = t
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            idx = beam_idx.to(self.device)
+            for t in (self.keys, self.values):  # in place: addresses stay static
+                t.copy_(t.index_select(0, idx))
+
+    def offload(self):
+        raise ValueError("QJLCache does not support offloading")
+
+    def prefetch(self):
+        return None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        QJLLayer.crop(self, tokens_to_remove)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        QJLLayer.batch_repeat_interleave(self, repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        QJLLayer.batch_select_indices(self, indices)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+
+    def values_held(self) -> int:
+        """K and V values the storage holds (both): 2 * B * H * min(window, max_cache_len) * D."""
+        return self.keys.numel() + self.values.numel()
+
+
 class QJLCache(Cache):
     """Compressed KV cache for Llama-family models.
 
     Parameters
     ----------
     config : transformers.PretrainedConfig
-        The model's config (decoder-only, full attention in every layer).
+        The model's config (decoder-only). Full-attention layers are compressed; sliding-window layers
+        of a hybrid config (``layer_types``) are kept exact in a `QJLSlidingLayer` bounded at the window.
     max_cache_len : int
-        Tokens the cache can hold (prompt + generated); storage is allocated for all of them.
+        Tokens the cache can hold (prompt + generated); storage is allocated for all of them
+        (sliding layers: min(sliding_window, max_cache_len)).
     qjl_config : QJLConfig, optional
         Defaults to ``QJLConfig.for_model(config, "reference")``.
     batch_size, device, dtype : optional
@@ -209,7 +316,10 @@ class QJLCache(Cache):
         self.max_cache_len = max_cache_len
         d = head_dim_of(config)
         kv = kv_heads_of(config)
-        layers = [QJLLayer(self.qjl_config, i, max_cache_len, d, kv) for i in range(config.num_hidden_layers)]
+        self.layer_types = layer_types_of(config)
+        layers = [QJLLayer(self.qjl_config, i, max_cache_len, d, kv) if t == FULL else
+                  QJLSlidingLayer(i, max_cache_len, config.sliding_window, d, kv)
+                  for i, t in enumerate(self.layer_types)]
         super().__init__(layers=layers)
         self.model_config = config
         if batch_size is not None and device is not None and dtype is not None:
@@ -222,20 +332,43 @@ class QJLCache(Cache):
                              f"for another model. Fix: {_BUILD_FIX}")
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    @property
+    def compressed_layers(self) -> list[QJLLayer]:
+        """The compressed (full-attention) layers."""
+        return [l for l in self.layers if isinstance(l, QJLLayer)]
+
+    @property
+    def sliding_layers(self) -> list[QJLSlidingLayer]:
+        """The exact sliding-window layers (hybrid models; empty otherwise)."""
+        return [l for l in self.layers if isinstance(l, QJLSlidingLayer)]
+
     def check_model(self, config) -> None:
-        """Raise ValueError if this cache was built for a model shaped unlike `config` (layers, heads, head_dim)."""
+        """Raise ValueError if this cache was built for a model shaped unlike `config` (layers, layer types,
+        heads, head_dim, sliding window)."""
         got = (len(self.layers), kv_heads_of(config), head_dim_of(config))
-        have = (len(self.layers), self.layers[0].kv_heads, self.layers[0].head_dim) if self.layers else got
+        first = self.compressed_layers[0]
+        have = (len(self.layers), first.kv_heads, first.head_dim)
         n = getattr(config, "num_hidden_layers", got[0])
         if n != len(self.layers) or (have[1] is not None and got[1] != have[1]) or got[2] != have[2]:
             raise ValueError(f"QJLCache built for {len(self.layers)} layers x {have[1]} kv heads x head_dim {have[2]} "
                              f"used with a model of {n} layers x {got[1]} kv heads x head_dim {got[2]}. Fix: "
                              f"{_BUILD_FIX}")
+        types = layer_types_of(config)
+        windows = {l.sliding_window for l in self.sliding_layers}
+        if types != self.layer_types or (windows and windows != {getattr(config, "sliding_window", None)}):
+            raise ValueError(f"QJLCache built for layer types {self.layer_types} (sliding_window {sorted(windows)}) used "
+                             f"with a model whose layers are {types} (sliding_window "
+                             f"{getattr(config, 'sliding_window', None)}). Fix: {_BUILD_FIX}")
+
+    def storage(self):
+        """(batch, dtype, device) of the allocated storage, or None before the first update."""
+        l = self.compressed_layers[0]
+        return (l.state[1].shape[0], l.dtype, l.device) if l.is_initialized else None
 
     # -- host-side length (no device sync): eager updates count it, and so does qjl_compile's compiled step
     def host_length(self) -> int:
         """Tokens stored, as the host knows them (eager updates and `qjl_compile.compile`'s compiled steps)."""
-        return self.layers[0].seen if self.layers else 0
+        return self.compressed_layers[0].seen
 
     def check_room(self, T: int) -> None:
         """Raise ValueError before anything is written if `T` more tokens do not fit."""
@@ -245,7 +378,7 @@ class QJLCache(Cache):
                              f"Create the cache with a larger max_cache_len (or call cache.reset()).")
 
     def advance_host_length(self, n: int) -> None:
-        for l in self.layers:
+        for l in self.compressed_layers:
             l.seen = n
 
     # transformers 5.x before 5.16's removal keeps a read-only, deprecated `Cache.max_cache_len`
@@ -259,12 +392,18 @@ class QJLCache(Cache):
         self._max_cache_len = value
 
     def memory(self) -> dict:
-        """Bytes allocated vs an fp16 cache of the same capacity, and real bits per value.
+        """Bytes allocated vs a 16-bit cache of the same capacity, and real bits per value.
 
-        ``bits_per_value`` counts every allocated buffer (residual ring and sketches included)
-        over the capacity; ``k_bits``/``v_bits`` are the codec's rate on compressed tokens.
+        Top level: ``allocated_bytes`` / ``fp16_bytes`` / ``saved_bytes`` / ``ratio`` over every layer
+        (the fp16 reference is what transformers' StaticCache allocates for this model at 16 bits: full
+        layers at max_cache_len, sliding layers at min(window, max_cache_len)); ``bits_per_value``,
+        ``k_bits``, ``v_bits``, ``codec_bits`` are the compressed layers' rates (``bits_per_value`` counts
+        every allocated buffer, residual ring and sketches included, over the capacity; ``k_bits``/``v_bits``
+        are the codec's rate on compressed tokens). ``by_type`` breaks the bytes down per layer type:
+        ``{"full_attention": {...}, "sliding_attention": {...}}`` with ``layers``, ``allocated_bytes``,
+        ``fp16_bytes``, ``saved_bytes`` (sliding layers are kept exact: they save nothing at 16 bits).
         """
-        live = [l for l in self.layers if l.is_initialized]
+        live = [l for l in self.compressed_layers if l.is_initialized]
         if not live:
             raise ValueError("QJLCache.memory(): the cache is not allocated yet (run a forward or pass "
                              "batch_size/device/dtype)")
@@ -273,9 +412,18 @@ class QJLCache(Cache):
         kb = [l.codec_bits() for l in live]
         k_bits = sum(b[0] for b in kb) / len(kb)
         v_bits = sum(b[1] for b in kb) / len(kb)
-        return {"allocated_bytes": alloc, "fp16_bytes": vals * 2, "ratio": vals * 2 / alloc,
+        by_type = {FULL: {"layers": len(live), "allocated_bytes": alloc, "fp16_bytes": vals * 2,
+                          "saved_bytes": vals * 2 - alloc, "max_cache_len": self.max_cache_len}}
+        sl = [l for l in self.sliding_layers if l.is_initialized]
+        s_alloc = sum(l.nbytes() for l in sl)
+        s_fp16 = sum(2 * l.values_held() for l in sl)
+        if self.sliding_layers:
+            by_type[SLIDING] = {"layers": len(sl), "allocated_bytes": s_alloc, "fp16_bytes": s_fp16,
+                                "saved_bytes": s_fp16 - s_alloc, "window": self.sliding_layers[0].max_cache_len}
+        total, ref16 = alloc + s_alloc, vals * 2 + s_fp16
+        return {"allocated_bytes": total, "fp16_bytes": ref16, "saved_bytes": ref16 - total, "ratio": ref16 / total,
                 "bits_per_value": 8 * alloc / vals, "k_bits": k_bits, "v_bits": v_bits,
-                "codec_bits": (k_bits + v_bits) / 2}
+                "codec_bits": (k_bits + v_bits) / 2, "by_type": by_type}
 
     def reset(self):
         for l in self.layers:
