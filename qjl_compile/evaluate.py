@@ -343,3 +343,136 @@ def evaluate_needle(model, tok, factories: dict[str, CacheFactory | None], fille
                         r.answers.append({"depth": pr.depth, "key": pr.key, "answer": ans.strip()})
                 bar.update(1)
     return {n: r for n, r in res.items() if n not in failed}
+
+
+# ----------------------------------------------------------------------------------------------
+# Text kinds, tune / held-out splits, copy (repeated-span) retrieval
+# ----------------------------------------------------------------------------------------------
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3"}
+
+
+def stdlib_source_text(max_chars: int = 1_500_000) -> tuple[str, list[str]]:
+    """Python source every machine has: the standard library's own .py files.
+
+    Files under ``sysconfig.get_paths()["stdlib"]``, sorted by relative path (test suites and
+    installed packages skipped), each preceded by a ``# file: <path>`` line, concatenated until
+    ``max_chars``. Returns (text, the files used). The same Python version gives the same text.
+    """
+    import sysconfig
+    from pathlib import Path
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py")
+                   if not (set(p.relative_to(root).parts[:-1]) & _SKIP_DIRS))
+    parts, used, total = [], [], 0
+    for p in files:
+        try:
+            src = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        rel = p.relative_to(root).as_posix()
+        chunk = f"# file: {rel}\n{src.strip()}\n\n"
+        parts.append(chunk)
+        used.append(rel)
+        total += len(chunk)
+        if total >= max_chars:
+            break
+    return "".join(parts)[:max_chars], used
+
+
+def split_ids(ids: torch.Tensor, split: str) -> torch.Tensor:
+    """The token range of a split: "tune" = the first half of the text, "heldout" = the second.
+
+    Settings are chosen on "tune" windows and reported on "heldout" windows, which never
+    overlap them (disjoint halves)."""
+    ids = ids.reshape(-1)
+    half = ids.numel() // 2
+    if split == "tune":
+        return ids[:half]
+    if split == "heldout":
+        return ids[half:]
+    raise ValueError(f"split {split!r}: choose 'tune' or 'heldout'")
+
+
+@dataclass
+class CopyPrompt:
+    context: torch.Tensor    # (1, C) tokens: the exact prefill (stored compressed)
+    span: torch.Tensor       # (1, S) a passage of the context, fed again over the cache
+    start: int               # where the span sits in the context
+
+
+def copy_prompts(ids: torch.Tensor, context: int, span: int, depths=(0.1, 0.4, 0.7), trials: int = 2,
+                 seed: int = 0) -> list[CopyPrompt]:
+    """Repeated-span prompts from a token range: a context of `context` tokens, and a span of
+    `span` tokens taken from it at each depth (fraction of the context), to be repeated."""
+    ids = ids.reshape(-1)
+    if ids.numel() < context:
+        raise ValueError(f"copy: {ids.numel()} tokens, fewer than a context of {context}")
+    rng = random.Random(seed)
+    out = []
+    for _ in range(trials):
+        off = rng.randint(0, ids.numel() - context)
+        ctx = ids[off:off + context]
+        for d in depths:
+            s0 = int(d * (context - span))
+            out.append(CopyPrompt(ctx[None], ctx[s0:s0 + span][None], s0))
+    return out
+
+
+@dataclass
+class CopyResult:
+    correct: int
+    tokens: int
+    prompts: int
+    per_prompt: list = field(default_factory=list)
+
+    @property
+    def acc(self) -> float:
+        return self.correct / self.tokens if self.tokens else float("nan")
+
+    def as_dict(self):
+        return {"acc": self.acc, "correct": self.correct, "tokens": self.tokens, "prompts": self.prompts,
+                "per_prompt": self.per_prompt}
+
+
+@torch.inference_mode()
+def copy_accuracy(model, prompt: CopyPrompt, factory: CacheFactory | None, shared=None) -> tuple[int, int]:
+    """(correct, scored) next-token predictions on the second occurrence of the span.
+
+    The context is the exact prefill (then stored compressed); the span is fed as one chunk over
+    the cache, and its tokens 2..S are scored by argmax == the true token (token 1 follows the
+    context and cannot be predicted from the repeat). The first occurrence sits in the compressed
+    region whenever start + S <= C - R."""
+    C, S = prompt.context.shape[1], prompt.span.shape[1]
+    cache, _ = _prefill(model, prompt.context, factory, C + S, shared)
+    out = model(prompt.span, **cache_kwargs(cache), use_cache=True)
+    pred = out.logits[0, :-1].argmax(-1)
+    return int((pred == prompt.span[0, 1:]).sum()), S - 1
+
+
+def evaluate_copy(model, factories: dict[str, CacheFactory | None], prompts: list[CopyPrompt],
+                  desc: str = "copy", on_error: Callable[[str, Exception], None] | None = None
+                  ) -> dict[str, CopyResult]:
+    """Repeated-span next-token accuracy of every cache on the same prompts."""
+    res = {n: CopyResult(0, 0, 0) for n in factories}
+    failed: set[str] = set()
+    with tqdm(total=len(prompts) * len(factories), desc=desc, unit="prompt", leave=False) as bar:
+        for pr in prompts:
+            shared = shared_prefill(model, pr.context)
+            for name, f in factories.items():
+                if name not in failed:
+                    try:
+                        c, t = copy_accuracy(model, pr, f, shared)
+                    except Exception as exc:  # noqa: BLE001
+                        if on_error is None:
+                            raise
+                        on_error(name, exc)
+                        failed.add(name)
+                    else:
+                        r = res[name]
+                        r.correct += c
+                        r.tokens += t
+                        r.prompts += 1
+                        r.per_prompt.append(c / t)
+                bar.update(1)
+    return {n: r for n, r in res.items() if n not in failed}
