@@ -13,7 +13,7 @@ COMPAT_TESTS ?= tests/e2e tests/passes tests/test_cli.py
 TESTS  ?=
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-compat test-gpu test-all setup clean
+.PHONY: demo test test-compat setup-compat test-gpu test-all setup clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ test: $(STAMP)
 # The transformers-facing tests again on the oldest supported transformers (CI runs both)
 test-compat:
 	$(MAKE) test VENV=$(COMPAT_VENV) TRANSFORMERS="$(COMPAT_TRANSFORMERS)" TESTS="$(COMPAT_TESTS)"
+
+setup-compat:
+	$(MAKE) setup VENV=$(COMPAT_VENV) TRANSFORMERS="$(COMPAT_TRANSFORMERS)"
 
 # GPU grid (a CUDA machine): every kernel against the reference. One BLAS thread per process: the
 # CPU-side reference checks otherwise oversubscribe the cores (with pytest-xdist: add -n 15).

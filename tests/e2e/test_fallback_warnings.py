@@ -104,8 +104,12 @@ def test_both_spellings_at_once_are_refused():
 
 def test_direct_decode_loop_after_qjl_compile_is_compiled():
     """model(ids, cache=QJLCache) after qjl_compile.compile: prefill eager, later calls compiled."""
+    import inspect
+
     model = tiny()
     m = qjl_compile.compile(tiny(), CFG, options=AOT)
+    # generate reads attention_mask / position_ids / logits_to_keep support off this signature
+    assert inspect.signature(m.forward) == inspect.signature(type(m).forward.__get__(m))
     a, b = (QJLCache(model.config, max_cache_len=64, qjl_config=CFG) for _ in range(2))
     x = ids()
     with torch.no_grad():
