@@ -35,6 +35,28 @@ def test_inspect_tiny_writes_graphs_and_lists_every_layer(tmp_path, capsys):
     assert "opcode" in table and "attend_default" in table
 
 
+def test_inspect_tiny_hybrid_rewrites_full_layers_and_shows_sliding_ones_exact(tmp_path, capsys):
+    """Gemma 3 layers [sliding, full]: decode rewrites the full layer and lists the sliding one as exact."""
+    import warnings
+
+    from qjl_compile import diagnostics
+
+    diagnostics.reset()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        rc = cli.main(["inspect", "--model", "tiny-hybrid", "--out", str(tmp_path / "d"), "--config", "residual=32",
+                       "sketch_dim=64"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    rows = [[c.strip() for c in ln.split("|")] for ln in text.splitlines() if ln.startswith("| decode")]
+    by_layer = {int(r[3]): r for r in rows}
+    assert sorted(by_layer) == [0, 1]
+    assert by_layer[0][5:7] == ["QJLCache sliding window (exact)", "unchanged (exact)"]
+    assert by_layer[1][6].startswith("qjl.attend")
+    assert "2 attention site(s), 1 rewritten to qjl.attend, 1 left exact (sliding-window layers, by design)" in text
+    assert not [x for x in w if "uncompressed" in str(x.message) or "not fused" in str(x.message)]
+
+
 @pytest.mark.parametrize("argv", [
     [],
     ["frobnicate"],
