@@ -99,10 +99,17 @@ def test_memory_report_counts_buffers():
     assert 3.5 < mem["ratio"] < 4.2 and mem["allocated_bytes"] < mem["fp16_bytes"]
 
 
-def test_refuses_sliding_window_and_encoder_decoder():
+def test_refuses_all_sliding_other_layer_types_and_encoder_decoder():
+    # hybrid full/sliding configs are served (tests/e2e/test_hybrid.py); these are not
     cfg = tiny().config
-    cfg.layer_types = ["full_attention", "sliding_attention"]
-    with pytest.raises(ValueError, match="sliding"):
+    cfg.layer_types, cfg.sliding_window = ["sliding_attention"] * 2, 32
+    with pytest.raises(ValueError, match="every layer of this model is sliding"):
+        QJLCache(cfg, 64)
+    cfg.layer_types = ["full_attention", "chunked_attention"]
+    with pytest.raises(ValueError, match="chunked_attention"):
+        QJLCache(cfg, 64)
+    cfg.layer_types, cfg.sliding_window = ["full_attention", "sliding_attention"], None
+    with pytest.raises(ValueError, match="no sliding_window size"):
         QJLCache(cfg, 64)
     cfg2 = tiny().config
     cfg2.is_encoder_decoder = True
