@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from qjl_compile.compat import cache_kwargs
 from qjl_compile.kernels import decoquant as dq
 from qjl_compile.kernels import ops  # noqa: F401  (torch.ops.qjl.*)
 from qjl_compile.kernels import reference as ref
@@ -388,7 +389,7 @@ def test_cache_in_tiny_llama():
 
     def run(cache):
         with torch.no_grad():
-            return torch.cat([model(ids[:, i:i + 40], past_key_values=cache).logits for i in range(0, 160, 40)], 1)
+            return torch.cat([model(ids[:, i:i + 40], **cache_kwargs(cache, model)).logits for i in range(0, 160, 40)], 1)
 
     want = run(DynamicCache(config=model.config))
     scale = want.abs().max()
@@ -406,6 +407,6 @@ def test_cache_in_tiny_llama():
     # the prefill of a fresh cache is exact whatever the codec
     cache = QJLCache(model.config, 224, QJLConfig.for_model(model.config, "rotation3", residual=32))
     with torch.no_grad():
-        torch.testing.assert_close(model(ids, past_key_values=cache).logits,
-                                   model(ids, past_key_values=DynamicCache(config=model.config)).logits,
+        torch.testing.assert_close(model(ids, **cache_kwargs(cache, model)).logits,
+                                   model(ids, **cache_kwargs(DynamicCache(config=model.config), model)).logits,
                                    rtol=1e-4, atol=1e-4)
