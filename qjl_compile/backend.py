@@ -189,7 +189,8 @@ SOFTCAP_FIX = ("none needed for correctness; for the fused op use a model config
 SINKS = ("the attention adds sink logits to the scores (gpt-oss style attention sinks), which qjl.attend does not "
          "implement, so the site is not rewritten")
 SINKS_FIX = "none needed for correctness; qjl-compile has no fused attention with sinks yet"
-EAGER = "the attention is an eager matmul + softmax (attn_implementation='eager'), not scaled_dot_product_attention"
+EAGER = ("the dequantized K/V feed an attention that is not SDPA: an eager matmul + softmax "
+         "(attn_implementation='eager')")
 
 
 def _register() -> None:
