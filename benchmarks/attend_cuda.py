@@ -74,7 +74,7 @@ def main(argv=None):
     ap.add_argument("--sizes", default="1x4096,1x32768,1x131072,16x16384")
     ap.add_argument("--variants", default="default;minb=4 st=2", help="';'-separated launch variants")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--once", default=None, help="BxL: build that state and run the CUDA kernel twice (for ncu)")
+    ap.add_argument("--once", default=None, help="BxL: build that state and run the CUDA kernel three times (for ncu)")
     a = ap.parse_args(argv)
     variants = []
     for v in a.variants.split(";"):
@@ -104,7 +104,7 @@ def main(argv=None):
         q = torch.randn(B, HQ, 1, D, device="cuda", dtype=DTYPE)
         k1 = torch.randn(B, H, 1, D, device="cuda", dtype=DTYPE)
         torch.ops.qjl.append(st, consts, k1, k1, meta)
-        for _ in range(2):
+        for _ in range(3):
             qjl_attend_cuda(q, st, consts, k1, k1, None, True, None, meta, **dict(variants[0][1]))
         torch.cuda.synchronize()
         return

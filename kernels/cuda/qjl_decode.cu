@@ -225,11 +225,19 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
 #endif
     // sum_k Q_k per query row, from the fragments (row r = lanes 4r .. 4r + 3 of every chunk)
     __shared__ int qsum[8];
+#if SQ_SMEM
+    __syncthreads();                                // sqs
+#endif
     if (threadIdx.x < 32) {
         const int r = threadIdx.x >> 2;
         int sum = 0;
+#pragma unroll
         for (int c = 0; c < NCH; ++c) {
+#if SQ_SMEM
+            const uint4 f = sqs[c][threadIdx.x];
+#else
             const uint4 f = a.sqf[((i64)bh * NCH + c) * 32 + threadIdx.x];
+#endif
             const u32 hw[2] = {f.x, f.y}, lw[2] = {f.z, f.w};
 #pragma unroll
             for (int w = 0; w < 2; ++w)
@@ -608,10 +616,17 @@ extern "C" __global__ void __launch_bounds__(256) qjl_prep(
     const int bh = blockIdx.x, c = blockIdx.y, b = bh / H, h = bh % H;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     __shared__ float qs[8][D];
+    __shared__ float srows[32][D + 1];      // +1: thread kk reads row kk, conflict-free
     __shared__ float sig[8];
     for (int i = threadIdx.x; i < 8 * D; i += 256) {
         const int r = i / D, d = i % D;
         qs[r][d] = r < M ? q2f(q[b * sqb + (h * G + r / Tq) * sqh + (r % Tq) * sqt + d]) : 0.f;
+    }
+    // the chunk's 32 sketch rows, coalesced (a row per thread from global would be 32 sectors per load)
+    for (int i = threadIdx.x; i < 32 * (D / 4); i += 256) {
+        const int kk = i / (D / 4), d4 = (i % (D / 4)) * 4;
+        const float4 v = *(const float4*)(S + (i64)perm[c * 32 + kk] * D + d4);
+        srows[kk][d4] = v.x; srows[kk][d4 + 1] = v.y; srows[kk][d4 + 2] = v.z; srows[kk][d4 + 3] = v.w;
     }
     __syncthreads();
     {   // warp r: the step of row r
@@ -622,15 +637,15 @@ extern "C" __global__ void __launch_bounds__(256) qjl_prep(
         const float st = sqrtf((float)D * ss) * (1.f / 32767.f) * 1.0001f;
         if (lane == 0) { sig[warp] = st > 0.f ? st : 1.f; if (c == 0) sqsig[bh * 8 + warp] = st > 0.f ? st : 1.f; }
     }
-    __syncthreads();
     const int r = warp, kk = lane;                        // thread: row r, position c*32 + kk
-    const float* srow = S + (i64)perm[c * 32 + kk] * D;
-    float acc = 0.f;
+    float acc4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int d = 0; d < D; d += 4) {
-        const float4 sv = *(const float4*)(srow + d);
-        acc += sv.x * qs[r][d] + sv.y * qs[r][d + 1] + sv.z * qs[r][d + 2] + sv.w * qs[r][d + 3];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc4[e] += srows[kk][d + e] * qs[r][d + e];
     }
+    __syncthreads();
+    const float acc = (acc4[0] + acc4[1]) + (acc4[2] + acc4[3]);
     const int Q = max(-32767, min(32767, __float2int_rn(acc / sig[r])));
     const int tt = (kk % 16) / 4, e = kk % 4, half = kk / 16;
     u8* base = sqf + (((i64)bh * NCH + c) * 32 + 4 * r + tt) * 16;
@@ -641,7 +656,7 @@ extern "C" __global__ void __launch_bounds__(256) qjl_prep(
 // Per (b, kv head, query row): attention over the exact tokens [cl, n) (residual ring below n - T,
 // this step's tokens from n - T), merged with the nsplit partials of the compressed tokens.
 // Grid (B * H, M), D threads; out (B, Hq, Tq, D) in q's dtype. Every load is issued before its
-// use (scores: a token per thread; values and split weights staged through shared memory).
+// use (scores: a warp per token; values and split weights staged through shared memory).
 #define EMAX 1024
 #define CH_E 64                 // exact tokens staged at a time
 extern "C" __global__ void __launch_bounds__(D) qjl_combine(const Args a, u16* out, i64 sob, i64 soh, i64 sot) {
@@ -660,22 +675,29 @@ extern "C" __global__ void __launch_bounds__(D) qjl_combine(const Args a, u16* o
     const float* lp = a.lse + (i64)bh * a.nsplit * 8 + r;
     float mx = -INFINITY;
     for (int s = d; s < a.nsplit; s += D) { const float v = lp[s * 8]; wsp[s] = v; mx = fmaxf(mx, v); }
-    __syncthreads();
-    for (int j = d; j < ne; j += D) {
-        const int pos = e0 + j;
-        const u16* kp = pos < n_old ? a.rk + b * a.srb + h * a.srh + (i64)(pos - c1) * a.srt
-                                    : a.kn + b * a.snb + h * a.snh + (i64)(pos - n_old) * a.snt;
-        float s = 0.f;
+    __syncthreads();                        // qrow
+    {   // exact scores, a warp per token (lanes over channels: coalesced rows), EPL channels per lane
+        const int w = d >> 5, ln = d & 31;
+        float qv[EPL];
 #pragma unroll
-        for (int c = 0; c < D; c += 8) {
-            const uint4 kv = *(const uint4*)(kp + c);
-            const u32 w[4] = {kv.x, kv.y, kv.z, kv.w};
+        for (int e = 0; e < EPL; ++e) qv[e] = qrow[ln * EPL + e];
+#pragma unroll 4
+        for (int j = w; j < ne; j += D / 32) {
+            const int pos = e0 + j;
+            const u16* kp = (pos < n_old ? a.rk + b * a.srb + h * a.srh + (i64)(pos - c1) * a.srt
+                                         : a.kn + b * a.snb + h * a.snh + (i64)(pos - n_old) * a.snt) + ln * EPL;
+            u32 kw[EPL / 2];
+            if constexpr (EPL == 4) { const uint2 v = *(const uint2*)kp; kw[0] = v.x; kw[1] = v.y; }
+            else { kw[0] = *(const u32*)kp; }
+            float s = 0.f;
 #pragma unroll
-            for (int e = 0; e < 8; ++e) s += qrow[c + e] * q2f((u16)(w[e / 2] >> (16 * (e & 1))));
+            for (int e = 0; e < EPL; ++e) s += qv[e] * q2f((u16)(kw[e / 2] >> (16 * (e & 1))));
+#pragma unroll
+            for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+            s = masked(a, s * a.qk_scale, b, h, r, pos, n, n);
+            if (ln == 0) ps[j] = s;
+            mx = fmaxf(mx, s);
         }
-        s = masked(a, s * a.qk_scale, b, h, r, pos, n, n);
-        ps[j] = s;
-        mx = fmaxf(mx, s);
     }
 #pragma unroll
     for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
