@@ -35,8 +35,8 @@ _EMPTY = {torch.tensor, torch.empty, torch.zeros}
 
 _warned = False
 
-MESSAGE = ("qjl backend: attention over an uncompressed Hugging Face {kind} was compiled unchanged "
-           "({n} site(s), first at layer {layer}). To store the cache compressed, pass "
+MESSAGE = ("qjl backend: attention over an uncompressed Hugging Face {kind} was compiled over the "
+           "full-precision cache ({n} site(s), first at layer {layer}). To store the cache compressed, pass "
            "{kw}=qjl_compile.QJLCache(model.config, max_cache_len=...) or use "
            "qjl_compile.compile(model) before generate().")
 

@@ -99,7 +99,8 @@ def default_passes() -> list[GraphPass]:
     """The backend's pipeline, in order."""
     from .fuse_attention import FuseQJLAttention
     from .detect_uncompressed import DetectUncompressedCache
-    return [FuseQJLAttention(), DetectUncompressedCache()]
+    from .grouped_sdpa import GroupedSDPA
+    return [FuseQJLAttention(), DetectUncompressedCache(), GroupedSDPA()]
 
 
 def select_passes(names: Optional[Sequence[str]] = None) -> list[GraphPass]:

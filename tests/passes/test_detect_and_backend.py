@@ -96,7 +96,7 @@ def test_pass_manager_order_observer_and_errors():
     gm = torch.fx.symbolic_trace(lambda x: torch.nn.functional.scaled_dot_product_attention(x, x, x))
     seen = []
     ctx = run_passes(gm, observer=lambda stage, g, c: seen.append(stage), graph_name="g")
-    assert seen == ["input", "fuse_qjl_attention", "detect_uncompressed_cache"]
+    assert seen == ["input", "fuse_qjl_attention", "detect_uncompressed_cache", "grouped_sdpa"]
     assert ctx.graph_name == "g" and counters["qjl"]["graphs"] == 1
     assert [p.name for p in select_passes(["detect_uncompressed_cache"])] == ["detect_uncompressed_cache"]
     with pytest.raises(ValueError, match="unknown pass"):
