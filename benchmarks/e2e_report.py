@@ -155,8 +155,8 @@ def strong_peer_targets(res: dict) -> list[dict]:
             v = sv[m]["tokens_per_s"] / sv["grouped"]["tokens_per_s"]
             out.append(dict(target=f"{m} throughput at the KV budget >= 3x the strong fp16 peer", value=f"{v:.2f}x "
                             f"(B={sv[m]['batch']} vs B={sv['grouped']['batch']})", met=v >= 3,
-                            where=f"{sv[m]['kv_budget_bytes'] / GiB:.3g} GiB full-depth KV, {fmt_tokens(sv[m]['prompt'])}"
-                                  f" requests, {sv[m]['layers']} layers run"))
+                            where=f"{sv[m]['kv_budget_bytes'] / GiB:.3g} GiB full-depth KV, "
+                                  f"{fmt_tokens(sv[m]['prompt'])} requests, {sv[m]['layers']} layers run"))
     tt = {r["mode"]: r for r in res.get("ttft", []) if _ok(r)}
     for m in ("qjl", "rotation"):
         if m in tt and "grouped" in tt:

@@ -389,7 +389,8 @@ def run_ttft(model, mode: Mode, T: int, args, device, progress) -> dict:
     (cache writes, and for QJLCache the compression, included), after one untimed run of the same shape."""
     from torch._dynamo.utils import counters
 
-    row = dict(mode=mode.key, label=mode.label, batch=1, prompt=T, section="ttft", layers=model.config.num_hidden_layers)
+    row = dict(mode=mode.key, label=mode.label, batch=1, prompt=T, section="ttft",
+               layers=model.config.num_hidden_layers)
     counters["qjl"].clear()
     C = args.ttft_chunk or T
     cap = capacity(T, args.new_tokens)

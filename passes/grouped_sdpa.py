@@ -43,6 +43,7 @@ from .manager import PassContext, bump, erase_dead
 log = logging.getLogger("qjl_compile.passes.grouped_sdpa")
 
 FORMS = ("auto", "gqa", "rows")
+BACKEND_NAMES = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}  # torch's SDPBackend
 _META_SKIP = ("source_fn_stack", "original_aten", "from_node")
 
 
@@ -88,15 +89,22 @@ def fused_gqa_backend(device: str, dtype: torch.dtype, hq: int, hkv: int, d: int
                       mask_dtype: torch.dtype) -> int:
     """The SDPA backend torch picks for grouped heads with a (1, 1, tq, 256) mask here (0 = math, the
     unfused one, which repeats K/V itself); probed once per configuration on small real tensors."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
     try:
-        q = torch.zeros(1, hq, tq, d, dtype=dtype, device=device)
-        k = torch.zeros(1, hkv, 256, d, dtype=dtype, device=device)
-        v = torch.zeros(1, hkv, 256, dv, dtype=dtype, device=device)
-        m = torch.zeros(1, 1, tq, 256, dtype=mask_dtype, device=device)
-        return int(torch._fused_sdp_choice(q, k, v, m, 0.0, False, scale=None, enable_gqa=True))
+        with unset_fake_temporarily():  # real tensors even while a compile's fake mode is active
+            return _probe(device, dtype, hq, hkv, d, dv, tq, mask_dtype)
     except Exception as e:  # noqa: BLE001 - an old torch without enable_gqa: treat as unfused
         log.debug("grouped_sdpa: probing enable_gqa on %s failed (%s); taking it as unfused", device, e)
         return 0
+
+
+def _probe(device, dtype, hq, hkv, d, dv, tq, mask_dtype) -> int:
+    q = torch.zeros(1, hq, tq, d, dtype=dtype, device=device)
+    k = torch.zeros(1, hkv, 256, d, dtype=dtype, device=device)
+    v = torch.zeros(1, hkv, 256, dv, dtype=dtype, device=device)
+    m = torch.zeros(1, 1, tq, 256, dtype=mask_dtype, device=device)
+    return int(torch._fused_sdp_choice(q, k, v, m, 0.0, False, scale=None, enable_gqa=True))
 
 
 class GroupedSDPA:
@@ -160,8 +168,8 @@ class GroupedSDPA:
             return self._skip(site, node, f"mask {tuple(ms)} is not the static-cache mask (B|1, 1, Tq|1, L={L})")
         decode = isinstance(Tq, int) and Tq == 1
         qv, mv = val(q), val(mask)
-        fused = fused_gqa_backend(str(qv.device), qv.dtype, qs[1], H, D, vb[3], Tq if isinstance(Tq, int) else 16,
-                                  mv.dtype)
+        tq_probe = min(Tq, 64) if isinstance(Tq, int) else 16  # the kernel choice does not depend on Tq
+        fused = fused_gqa_backend(str(qv.device), qv.dtype, qs[1], H, D, vb[3], tq_probe, mv.dtype)
         if form == "gqa" or (form == "auto" and fused) or (form == "rows" and not decode and fused):
             target, args, how = grouped_sdpa_gqa, (q, ks.base, vs.base, mask, a["scale"]), "gqa"
         elif decode:
@@ -183,9 +191,11 @@ class GroupedSDPA:
         graph.erase_node(node)
         erased = erase_dead(graph, list(reversed(ks.chain)) + list(reversed(vs.chain)))
         site.matched = site.matched if site.matched != "-" else (kind_k or "StaticCache")
-        site.became = f"grouped SDPA, {how} ({new.name})"
+        picked = BACKEND_NAMES.get(fused, str(fused))
+        site.became = f"grouped SDPA, {how} ({new.name}; torch's kernel for enable_gqa here: {picked})"
         bump("grouped_sdpa")
         bump(f"grouped_sdpa_{how}")
+        bump(f"grouped_sdpa_probe_{picked}")
         log.debug("%s: %s -> %s %s (layer %s, G=%d, %d repeat nodes erased)", self.name, node.name, how, new.name,
                   site.layer, G, len(erased))
         return 1
