@@ -30,8 +30,8 @@ from typing import Optional
 
 import torch
 
-from . import compat, diagnostics
-from .cache import QJLCache, check_model_config, head_dim_of
+from . import compat, diagnostics, tp
+from .cache import QJLCache, check_model_config, head_dim_of, kv_heads_of
 from .config import QJLConfig
 
 log = logging.getLogger("qjl_compile.api")
@@ -68,6 +68,11 @@ def _text_config(model):
     return get(decoder=True) if get is not None else cfg
 
 
+def _tp_size(model) -> int:
+    """The model's tensor-parallel size (transformers' ``model._tp_size``, else its config's record), 1 without TP."""
+    return int(getattr(model, "_tp_size", None) or tp.tp_size_of(model.config))
+
+
 def uncompile(model):
     """Undo `compile`: ``model.forward``, ``model.generate`` and the cache hook are the originals again."""
     _uncompile(model)
@@ -96,7 +101,9 @@ def compile(model, config: Optional[QJLConfig] = None, *, max_cache_len: Optiona
     Parameters
     ----------
     model : transformers.PreTrainedModel
-        A decoder-only Llama-family model (full attention in every layer).
+        A decoder-only Llama-family model (full attention in every layer). A model sharded by
+        transformers' tensor parallelism (``tp_plan=``/``distributed_config=``, under ``torchrun``) works
+        as is: call this on every rank; each rank's `QJLCache` holds its own KV heads (qjl_compile/tp.py).
     config : QJLConfig, optional
         Cache configuration; default ``QJLConfig.for_model(model.config)`` (the "reference" preset).
     max_cache_len : int, optional
@@ -128,6 +135,7 @@ def compile(model, config: Optional[QJLConfig] = None, *, max_cache_len: Optiona
     if not isinstance(qcfg, QJLConfig):
         raise TypeError(f"config must be a QJLConfig, got {type(qcfg).__name__}")
     qcfg.check_head_dim(head_dim_of(cfg))
+    tp.kv_heads_per_rank(cfg, kv_heads_of(cfg), _tp_size(model))  # under TP: whole KV heads per rank, or the fix
     if max_cache_len is not None and (not isinstance(max_cache_len, int) or max_cache_len < 1):
         raise ValueError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
 
@@ -316,7 +324,8 @@ def _prepare_cache_for_generation(self, *args, **kwargs):
     if reusable and c is not None and c.max_cache_len == length and c.storage() == (batch, dtype, device):
         c.reset()  # same storage: static addresses kept, no recompilation
     else:
-        c = QJLCache(cfg, max_cache_len=length, qjl_config=st.config, batch_size=batch, device=device, dtype=dtype)
+        c = QJLCache(cfg, max_cache_len=length, qjl_config=st.config, batch_size=batch, device=device, dtype=dtype,
+                     tp_size=_tp_size(self))  # under TP: this rank's KV heads only
         st.cache = c
     log.debug("qjl_compile: QJLCache(max_cache_len=%d, batch=%d) for a request of %d positions", length, batch, needed)
     model_kwargs[key] = c

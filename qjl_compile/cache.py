@@ -20,7 +20,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, StaticSlidingWindowLayer
 from transformers.utils import is_torchdynamo_compiling
 
-from . import diagnostics
+from . import diagnostics, tp
 from .config import QJLConfig
 from .kernels import reference as ref
 from .kernels import ops  # noqa: F401  (registers torch.ops.qjl)
@@ -108,6 +108,15 @@ def kv_heads_of(config) -> int | None:
 _BUILD_FIX = "build the cache from the model that uses it: QJLCache(model.config, max_cache_len=...)"
 
 
+def _tp_hint(got: int, built: int | None) -> str:
+    """The fix when a head-count mismatch looks like tensor parallelism the cache was not told about."""
+    if not built or got >= built or built % got:
+        return ""
+    return (f" ({got} = {built} / {built // got}: tensor parallelism? Build the cache from the config of the model "
+            f"loaded with tp_plan=/distributed_config= (it records the TP size), or pass QJLCache(..., "
+            f"tp_size={built // got}).)")
+
+
 class QJLLayer(CacheLayerMixin):
     """One attention layer's compressed cache. State layout: kernels/reference.py."""
 
@@ -135,7 +144,8 @@ class QJLLayer(CacheLayerMixin):
                              f"model? {_BUILD_FIX}")
         if self.kv_heads is not None and H != self.kv_heads:
             raise ValueError(f"QJLCache layer {self.layer_idx} got keys with {H} key/value heads, but the cache was "
-                             f"built for a config with {self.kv_heads}: a cache made for another model? {_BUILD_FIX}")
+                             f"built for {self.kv_heads}: a cache made for another model? {_BUILD_FIX}"
+                             f"{_tp_hint(H, self.kv_heads)}")
         self.consts = [c.to(self.device) for c in self.consts]
         self.state = ref.make_state(self.codec, B, H, self.max_cache_len, D, self.cfg.residual, self.consts,
                                     self.meta[3:], self.dtype, self.cfg.torch_side_dtype, self.device)
@@ -255,7 +265,7 @@ class QJLSlidingLayer(StaticSlidingWindowLayer):
         if D != self.head_dim or (self.kv_heads is not None and H != self.kv_heads):
             raise ValueError(f"QJLCache sliding layer {self.layer_idx} got keys with {H} heads x head_dim {D}, but the "
                              f"cache was built for {self.kv_heads} x {self.head_dim}: a cache made for another model? "
-                             f"{_BUILD_FIX}")
+                             f"{_BUILD_FIX}{_tp_hint(H, self.kv_heads)}")
         super().lazy_initialization(key_states, value_states)
         self.dtype = key_states.dtype
         for t in (self.keys, self.values):
@@ -305,17 +315,23 @@ class QJLCache(Cache):
         Defaults to ``QJLConfig.for_model(config, "reference")``.
     batch_size, device, dtype : optional
         With all three, storage is allocated now; otherwise on the first update.
+    tp_size : int, optional
+        Tensor-parallel size. Default: what transformers recorded on the config of a model loaded with
+        ``tp_plan=``/``distributed_config=`` (``config.distributed_config.tp_size``), else 1. Under TP each
+        rank's cache holds only that rank's ``num_key_value_heads / tp_size`` KV heads (qjl_compile/tp.py);
+        `memory()` reports this rank and the total over ranks.
     """
 
     def __init__(self, config, max_cache_len: int, qjl_config: QJLConfig | None = None,
-                 batch_size: int | None = None, device=None, dtype=None):
+                 batch_size: int | None = None, device=None, dtype=None, *, tp_size: int | None = None):
         check_model_config(config)
         if not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
         self.qjl_config = qjl_config or QJLConfig.for_model(config)
         self.max_cache_len = max_cache_len
         d = head_dim_of(config)
-        kv = kv_heads_of(config)
+        self.tp_size = tp.tp_size_of(config) if tp_size is None else int(tp_size)
+        kv = tp.kv_heads_per_rank(config, kv_heads_of(config), self.tp_size)  # this rank's heads
         self.layer_types = layer_types_of(config)
         layers = [QJLLayer(self.qjl_config, i, max_cache_len, d, kv) if t == FULL else
                   QJLSlidingLayer(i, max_cache_len, config.sliding_window, d, kv)
@@ -345,13 +361,14 @@ class QJLCache(Cache):
     def check_model(self, config) -> None:
         """Raise ValueError if this cache was built for a model shaped unlike `config` (layers, layer types,
         heads, head_dim, sliding window)."""
-        got = (len(self.layers), kv_heads_of(config), head_dim_of(config))
+        got = (len(self.layers), tp.kv_heads_per_rank(config, kv_heads_of(config), self.tp_size), head_dim_of(config))
         first = self.compressed_layers[0]
         have = (len(self.layers), first.kv_heads, first.head_dim)
         n = getattr(config, "num_hidden_layers", got[0])
         if n != len(self.layers) or (have[1] is not None and got[1] != have[1]) or got[2] != have[2]:
-            raise ValueError(f"QJLCache built for {len(self.layers)} layers x {have[1]} kv heads x head_dim {have[2]} "
-                             f"used with a model of {n} layers x {got[1]} kv heads x head_dim {got[2]}. Fix: "
+            per = f" per rank (tp_size={self.tp_size})" if self.tp_size > 1 else ""
+            raise ValueError(f"QJLCache built for {len(self.layers)} layers x {have[1]} kv heads{per} x head_dim "
+                             f"{have[2]} used with a model of {n} layers x {got[1]} kv heads{per} x head_dim {got[2]}. Fix: "
                              f"{_BUILD_FIX}")
         types = layer_types_of(config)
         windows = {l.sliding_window for l in self.sliding_layers}
@@ -402,6 +419,9 @@ class QJLCache(Cache):
         are the codec's rate on compressed tokens). ``by_type`` breaks the bytes down per layer type:
         ``{"full_attention": {...}, "sliding_attention": {...}}`` with ``layers``, ``allocated_bytes``,
         ``fp16_bytes``, ``saved_bytes`` (sliding layers are kept exact: they save nothing at 16 bits).
+        Under tensor parallelism every figure above is this rank's (its own KV heads); ``tp`` holds
+        ``size``, ``rank``, ``kv_heads_per_rank``, ``total_allocated_bytes`` and ``total_fp16_bytes`` (all
+        ranks; ``size`` 1 without TP). Bits per value are the same per rank and in total.
         """
         live = [l for l in self.compressed_layers if l.is_initialized]
         if not live:
@@ -421,9 +441,15 @@ class QJLCache(Cache):
             by_type[SLIDING] = {"layers": len(sl), "allocated_bytes": s_alloc, "fp16_bytes": s_fp16,
                                 "saved_bytes": s_fp16 - s_alloc, "window": self.sliding_layers[0].max_cache_len}
         total, ref16 = alloc + s_alloc, vals * 2 + s_fp16
+        # tensor parallelism: the figures above are this rank's; every rank allocates the same shapes (its
+        # kv_heads / tp_size heads: whole heads, checked at construction), so the total is tp_size times them
+        # (qjl_compile.tp.gather_memory collects every rank's own figures to check that)
+        tpi = {"size": self.tp_size, "rank": tp.rank() if self.tp_size > 1 else 0,
+               "kv_heads_per_rank": live[0].state[1].shape[1],
+               "total_allocated_bytes": total * self.tp_size, "total_fp16_bytes": ref16 * self.tp_size}
         return {"allocated_bytes": total, "fp16_bytes": ref16, "saved_bytes": ref16 - total, "ratio": ref16 / total,
                 "bits_per_value": 8 * alloc / vals, "k_bits": k_bits, "v_bits": v_bits,
-                "codec_bits": (k_bits + v_bits) / 2, "by_type": by_type}
+                "codec_bits": (k_bits + v_bits) / 2, "by_type": by_type, "tp": tpi}
 
     def reset(self):
         for l in self.layers:
