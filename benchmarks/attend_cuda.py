@@ -93,8 +93,10 @@ def main(argv=None):
                 kw["sq_smem"] = int(val)
             elif key == "minb":
                 kw["min_blocks"] = int(val)
+            elif key == "pk":
+                kw["pack"] = bool(int(val))
             else:
-                raise SystemExit(f"unknown variant key {key!r} (nw, ns, minb)")
+                raise SystemExit(f"unknown variant key {key!r} (nw, ns, st, sqsmem, minb, pk)")
         variants.append((v, kw))
     if a.once:
         from qjl_compile.kernels.cuda.qjl import qjl_attend_cuda

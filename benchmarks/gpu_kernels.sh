@@ -14,10 +14,17 @@ fi
 python benchmarks/attend_cuda.py --sizes "$sizes" --variants "$variants" --out "$out/attend-$tag.json" 2>&1 | tee "$out/bench-$tag.txt"
 if [ "${NCU:-1}" = 1 ] && command -v ncu >/dev/null; then
   v1=${variants%%;*}
-  ncu --clock-control none --kernel-name regex:"qjl_(prep|split|combine)" --launch-skip 3 --launch-count 3 \
-      --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats \
-      python benchmarks/attend_cuda.py --once 1x131072 --variants "$v1" > "$out/ncu-$tag.txt" 2>&1
-  grep -E "qjl_|Duration|Achieved Occupancy|Issued Warp|Warp Cycles Per Issued|Registers Per|Theoretical Occ|Eligible|No Eligible|Stall" "$out/ncu-$tag.txt" | head -80
+  IFS=';' read -ra nvs <<< "${NCU_VARIANTS:-$v1}"
+  for v in "${nvs[@]}"; do
+    f="$out/ncu-$tag-$(echo "$v" | tr -c 'a-z0-9=' '_').txt"
+    ncu --clock-control none --kernel-name regex:"qjl_(prep|split|combine)" --launch-skip 3 --launch-count 3 \
+        --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+        --section ComputeWorkloadAnalysis --print-details all \
+        python benchmarks/attend_cuda.py --once 1x131072 --variants "$v" > "$f" 2>&1
+    echo "== ncu $v"
+    grep -E "qjl_|Duration|Achieved Occupancy|Issued Warp|Warp Cycles Per Issued|Registers Per|Eligible Warps|Issue Slots Busy|Executed Ipc A" "$f" | head -40
+    grep -iE "pipe|tensor|fma|alu|lsu" "$f" | grep -v "^ *$" | head -40
+  done
   ncu --clock-control none --kernel-name regex:qjl_split --launch-skip 1 --launch-count 1 --section SourceCounters \
       -o "$out/split-$tag" python benchmarks/attend_cuda.py --once 1x131072 --variants "$v1" >/dev/null 2>&1
   ncu -i "$out/split-$tag.ncu-rep" --page source --csv --print-source sass > "$out/sass-$tag.csv" 2>&1

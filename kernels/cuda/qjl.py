@@ -75,10 +75,25 @@ def sketch_planes(S: torch.Tensor):
     return val
 
 
+def sketch_rows(S: torch.Tensor) -> torch.Tensor:
+    """S's rows in `mma_perm` order, fp32 contiguous on S's device (the prep kernel reads them
+    coalesced, without an index load). Cached per sketch tensor like `sketch_planes`."""
+    key = ("rows", S.data_ptr(), S.device, tuple(S.shape))
+    hit = _PLANES.get(key)
+    if hit is not None:
+        return hit[1]
+    perm = torch.tensor(mma_perm(S.shape[0]), dtype=torch.long, device=S.device)
+    val = S.detach().float()[perm].contiguous()
+    _PLANES[key] = (S, val)
+    return val
+
+
 def prepare(consts) -> None:
-    for S in consts:
+    for i, S in enumerate(consts):
         if S.shape[0] and S.shape[0] % 128 == 0:
             sketch_planes(S)
+            if i == 0:
+                sketch_rows(S)
 
 
 class _Args(ctypes.Structure):
@@ -156,7 +171,7 @@ def split_plan(LC: int, nsplit: int, nw: int) -> tuple[int, int]:
 
 
 def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, scale=None, meta=None,
-                    nsplit=None, num_warps=None, min_blocks=None, sq_smem=None, stages=None):
+                    nsplit=None, num_warps=None, min_blocks=None, sq_smem=None, stages=None, pack=None):
     """Fused QJL decode attention, CUDA C++ (semantics of kernels.reference.attend).
 
     Parameters
@@ -181,6 +196,9 @@ def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
         Keep the S q fragments in shared memory (default) instead of registers.
     stages : int, optional
         Groups in flight per warp through shared memory (cp.async; 0 = plain loads; default STAGES).
+    pack : bool, optional
+        Both 8-bit planes of S q in one MMA operand (needs <= 4 query rows per kv head; default: when
+        they are).
 
     Returns
     -------
@@ -213,13 +231,18 @@ def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
     defines = dict(D=D, MS=m, MO=mo, NO=o, VB=vb, VG=vg, RR=R, NW=nw, QDT=int(q.dtype == torch.bfloat16),
                    MK=kind, CAUSAL=int(causal), CAUSAL_C=int(causal and T < Tq))
     defines["MINB"] = int(min_blocks or MIN_BLOCKS)
+    pk = (M <= 4) if pack is None else bool(pack)
+    if pk and M > 4:
+        raise ValueError(f"pack=True needs <= 4 query rows per kv head, got {M}")
+    defines["PK"] = int(pk)
     if sq_smem is not None:
         defines["SQ_SMEM"] = int(sq_smem)
     nst = STAGES if stages is None else int(stages)
     defines["STAGES"] = nst
     dyn = nw * nst * stage_bytes(D, m, mo, vb, vg)
     fns = module("qjl_decode", defines, KERNELS, q.device)
-    perm, scol, scsum, sig_s = sketch_planes(consts[0])
+    _, scol, scsum, sig_s = sketch_planes(consts[0])
+    srows = sketch_rows(consts[0])
     if mo:
         _, socol, socsum, sig_so = sketch_planes(consts[1])
     else:
@@ -227,7 +250,7 @@ def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
     BH = B * H
     dev = q.device
     nch = m // 32
-    sqf = torch.empty(BH * nch * 32 * 16, dtype=torch.uint8, device=dev)
+    sqf = torch.empty(BH * nch * 32 * (8 if pk else 16), dtype=torch.uint8, device=dev)
     sqsum = torch.empty(BH * 8, dtype=torch.int32, device=dev)
     sqsig = torch.empty(BH * 8, dtype=torch.float32, device=dev)
     nslot = ns
@@ -237,7 +260,7 @@ def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
     stream = torch.cuda.current_stream(dev)
     P, I64, I32, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
     launch(fns["qjl_prep"], (BH, nch), (256,),
-           [P(q.data_ptr()), *(I64(s) for s in q.stride()[:3]), P(consts[0].data_ptr()), P(perm.data_ptr()),
+           [P(q.data_ptr()), *(I64(s) for s in q.stride()[:3]), P(srows.data_ptr()),
             P(sqf.data_ptr()), P(sqsig.data_ptr()), I32(H), I32(G), I32(Tq), I32(M)], stream)
     rk, rv = state[1], state[2]
     sc = float(scale) if scale is not None else 1.0 / math.sqrt(D)

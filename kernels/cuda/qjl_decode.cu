@@ -197,6 +197,19 @@ __device__ __forceinline__ void stage_group(const Args& a, u8* st, i64 row, int 
 #ifndef SQ_SMEM
 #define SQ_SMEM 1
 #endif
+// PK=1 (at most 4 query rows per kv head, e.g. GQA 4 at decode): both 8-bit planes of S q in one B
+// operand, high plane in columns 0-3, low plane (signed) in columns 4-7, so one MMA per chunk and
+// tile instead of two; the low half comes back from lane + 2 by one shuffle. Fragments are 8 bytes.
+#ifndef PK
+#define PK 0
+#endif
+#if PK
+typedef uint2 SQT;
+#define QMAX 32639              // hi = (Q + 128) >> 8 stays in s8
+#else
+typedef uint4 SQT;
+#define QMAX 32767
+#endif
 extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args a) {
     const int bh = blockIdx.x, sp = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -220,10 +233,15 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
     }
 #if SQ_SMEM
     // S q fragments of this (b, h), shared by the CTA's warps (registers otherwise: SQ_SMEM=0)
-    __shared__ uint4 sqs[NCH][32];
-    for (int i = threadIdx.x; i < NCH * 32; i += NW * 32) sqs[i / 32][i % 32] = a.sqf[(i64)bh * NCH * 32 + i];
+    __shared__ SQT sqs[NCH][32];
+    for (int i = threadIdx.x; i < NCH * 32; i += NW * 32) sqs[i / 32][i % 32] = ((const SQT*)a.sqf)[(i64)bh * NCH * 32 + i];
 #endif
     // sum_k Q_k per query row, from the fragments (row r = lanes 4r .. 4r + 3 of every chunk)
+#if NO > 0
+    // column sums of the sketches at the outlier channels: read per group, so kept on chip
+    __shared__ int scs[D], socs[D];
+    for (int i = threadIdx.x; i < D; i += NW * 32) { scs[i] = a.scsum[i]; socs[i] = MO > 0 ? a.socsum[i] : 0; }
+#endif
     __shared__ int qsum[8];
 #if SQ_SMEM
     __syncthreads();                                // sqs
@@ -233,10 +251,26 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
         int sum = 0;
 #pragma unroll
         for (int c = 0; c < NCH; ++c) {
+#if PK
+            // row r < 4: high plane at lanes 4r + tt, low plane (signed) at lanes 16 + 4r + tt
+            if (r >= 4) break;
 #if SQ_SMEM
-            const uint4 f = sqs[c][threadIdx.x];
+            const SQT fh = sqs[c][threadIdx.x], fl = sqs[c][threadIdx.x + 16];
 #else
-            const uint4 f = a.sqf[((i64)bh * NCH + c) * 32 + threadIdx.x];
+            const SQT fh = ((const SQT*)a.sqf)[((i64)bh * NCH + c) * 32 + threadIdx.x];
+            const SQT fl = ((const SQT*)a.sqf)[((i64)bh * NCH + c) * 32 + threadIdx.x + 16];
+#endif
+            const u32 hw[2] = {fh.x, fh.y}, lw[2] = {fl.x, fl.y};
+#pragma unroll
+            for (int w = 0; w < 2; ++w)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    sum += 256 * (int)(signed char)((hw[w] >> (8 * e)) & 255) + (int)(signed char)((lw[w] >> (8 * e)) & 255);
+#else
+#if SQ_SMEM
+            const SQT f = sqs[c][threadIdx.x];
+#else
+            const SQT f = ((const SQT*)a.sqf)[((i64)bh * NCH + c) * 32 + threadIdx.x];
 #endif
             const u32 hw[2] = {f.x, f.y}, lw[2] = {f.z, f.w};
 #pragma unroll
@@ -244,6 +278,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
 #pragma unroll
                 for (int e = 0; e < 4; ++e)
                     sum += 256 * (int)(signed char)((hw[w] >> (8 * e)) & 255) + (int)((lw[w] >> (8 * e)) & 255);
+#endif
         }
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
@@ -269,9 +304,9 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
 #if SQ_SMEM
 #define SQF(c) sqs[c][lane]
 #else
-        uint4 sqf[NCH];
+        SQT sqf[NCH];
 #pragma unroll
-        for (int c = 0; c < NCH; ++c) sqf[c] = a.sqf[((i64)bh * NCH + c) * 32 + lane];
+        for (int c = 0; c < NCH; ++c) sqf[c] = ((const SQT*)a.sqf)[((i64)bh * NCH + c) * 32 + lane];
 #define SQF(c) sqf[c]
 #endif
         const int sq0 = qsum[2 * t], sq1 = qsum[2 * t + 1];
@@ -374,9 +409,9 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
             const int ch0 = (int)((idx8 >> (16 * t)) & 255), ch1 = (int)((idx8 >> (16 * t + 8)) & 255);
             // q at the group's outlier channels: B of the m16n8k8 (k = slots 2t, 2t+1; n = row g)
             const u32 qsel = (u32)(2 * t < NO ? qhs[g][ch0] : (u16)0) | ((u32)(2 * t + 1 < NO ? qhs[g][ch1] : (u16)0) << 16);
-            const int cs0 = a.scsum[ch0], cs1 = a.scsum[ch1];
+            const int cs0 = scs[ch0], cs1 = scs[ch1];
 #if MO > 0
-            const int co0 = a.socsum[ch0], co1 = a.socsum[ch1];
+            const int co0 = socs[ch0], co1 = socs[ch1];
 #endif
 #endif
             // both 16-token tiles per sketch chunk: each chunk's S q and sketch-column fragments are
@@ -399,20 +434,17 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
 #endif
                 }
             }
+            // main products first (their operands are in shared memory), then the outlier parts, whose
+            // sketch-column fragments come from L1/L2 and were issued at the top of the group
 #pragma unroll
             for (int c = 0; c < NCH; ++c) {
-                const uint4 bq = SQF(c);
-#if NO > 0
-                const uint4 bs = scol[(col * NCH + c) * 4];
-#endif
+                const SQT bq = SQF(c);
 #pragma unroll
                 for (int tt = 0; tt < 2; ++tt) {
                     AFRAG(wg[tt], w8[tt], c)
                     mma_us(rh[tt], a0, a1, a2, a3, bq.x, bq.y);
+#if !PK
                     mma_uu(rl[tt], a0, a1, a2, a3, bq.z, bq.w);
-#if NO > 0
-                    mma_us(th[tt], a0, a1, a2, a3, bs.x, bs.y);
-                    mma_uu(tl[tt], a0, a1, a2, a3, bs.z, bs.w);
 #endif
                 }
             }
@@ -438,6 +470,26 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
                     }
                 }
             }
+#endif
+#if NO > 0
+#pragma unroll
+            for (int c = 0; c < NCH; ++c) {
+                const uint4 bs = scol[(col * NCH + c) * 4];
+#pragma unroll
+                for (int tt = 0; tt < 2; ++tt) {
+                    AFRAG(wg[tt], w8[tt], c)
+                    mma_us(th[tt], a0, a1, a2, a3, bs.x, bs.y);
+                    mma_uu(tl[tt], a0, a1, a2, a3, bs.z, bs.w);
+                }
+            }
+#endif
+#if PK
+            // columns 4-7 (lanes t = 2, 3) hold the low plane of rows 0-3 (lanes t = 0, 1); lanes t >= 2
+            // are left with finite junk in rows 4-7, which no one reads (rows >= M)
+#pragma unroll
+            for (int tt = 0; tt < 2; ++tt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) rl[tt][e] = __shfl_down_sync(0xffffffffu, rh[tt][e], 2);
 #endif
             float s[2][4];
 #pragma unroll
@@ -500,7 +552,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
                 }
             }
             // online softmax over the group's 32 tokens; rows 2t + j live on the 8 lanes of equal t
-            float pr[2][4];
+            float pr[2][4], alj[2];
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
                 float mx = fmaxf(fmaxf(s[0][j], s[0][j + 2]), fmaxf(s[1][j], s[1][j + 2]));
@@ -519,8 +571,12 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
                     sum += pr[tt][j] + pr[tt][j + 2];
                 }
                 l_r[j] = l_r[j] * al + sum;
+                alj[j] = al;
+            }
+            // the running max rarely moves after the first groups: rescale only when it did (warp-uniform)
+            if (__any_sync(0xffffffffu, alj[0] != 1.f || alj[1] != 1.f)) {
 #pragma unroll
-                for (int i = 0; i < NT; ++i) { acc[i][j] *= al; acc[i][j + 2] *= al; }
+                for (int i = 0; i < NT; ++i) { acc[i][0] *= alj[0]; acc[i][2] *= alj[0]; acc[i][1] *= alj[1]; acc[i][3] *= alj[1]; }
             }
             // values: out^T (D x rows) += V^T (D x tokens) P^T (tokens x rows), per 16-token tile
 #pragma unroll
@@ -606,12 +662,13 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
 }
 
 // S q per query row in the K order of the key fragments, as 16-bit fixed point split into an s8
-// high plane and a u8 low plane, written in B-fragment order: (BH, NCH, 32 lanes) x 16 bytes
-// (b0 hi, b1 hi, b0 lo, b1 lo). perm[k] = sketch row at fragment position k. Every sketch row has
+// high plane and a u8 low plane, written in B-fragment order: (BH, NCH, 32 lanes) x 16 bytes (PK=1: x 8
+// bytes, lane 4r + t the high plane of row r, lane 16 + 4r + t its signed low plane)
+// (b0 hi, b1 hi, b0 lo, b1 lo). Sp = the sketch rows in that K order (qjl.py sketch_rows). Every sketch row has
 // norm sqrt(D), so |S q|_k <= sqrt(D) |q|: the step sqrt(D) |q| / 32767 needs no pass over S q, and
 // one CTA per (b, h, chunk of 32 positions) runs independently. Grid (B * H, NCH), 256 threads.
 extern "C" __global__ void __launch_bounds__(256) qjl_prep(
-        const u16* q, i64 sqb, i64 sqh, i64 sqt, const float* S, const int* perm,
+        const u16* q, i64 sqb, i64 sqh, i64 sqt, const float* Sp,
         u8* sqf, float* sqsig, int H, int G, int Tq, int M) {
     const int bh = blockIdx.x, c = blockIdx.y, b = bh / H, h = bh % H;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -625,7 +682,7 @@ extern "C" __global__ void __launch_bounds__(256) qjl_prep(
     // the chunk's 32 sketch rows, coalesced (a row per thread from global would be 32 sectors per load)
     for (int i = threadIdx.x; i < 32 * (D / 4); i += 256) {
         const int kk = i / (D / 4), d4 = (i % (D / 4)) * 4;
-        const float4 v = *(const float4*)(S + (i64)perm[c * 32 + kk] * D + d4);
+        const float4 v = *(const float4*)(Sp + (i64)(c * 32 + kk) * D + d4);
         srows[kk][d4] = v.x; srows[kk][d4 + 1] = v.y; srows[kk][d4 + 2] = v.z; srows[kk][d4 + 3] = v.w;
     }
     __syncthreads();
@@ -634,7 +691,7 @@ extern "C" __global__ void __launch_bounds__(256) qjl_prep(
         for (int d = lane; d < D; d += 32) ss += qs[warp][d] * qs[warp][d];
 #pragma unroll
         for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        const float st = sqrtf((float)D * ss) * (1.f / 32767.f) * 1.0001f;
+        const float st = sqrtf((float)D * ss) * (1.f / QMAX) * 1.0001f;
         if (lane == 0) { sig[warp] = st > 0.f ? st : 1.f; if (c == 0) sqsig[bh * 8 + warp] = st > 0.f ? st : 1.f; }
     }
     const int r = warp, kk = lane;                        // thread: row r, position c*32 + kk
@@ -646,11 +703,20 @@ extern "C" __global__ void __launch_bounds__(256) qjl_prep(
     }
     __syncthreads();
     const float acc = (acc4[0] + acc4[1]) + (acc4[2] + acc4[3]);
-    const int Q = max(-32767, min(32767, __float2int_rn(acc / sig[r])));
+    const int Q = max(-QMAX, min(QMAX, __float2int_rn(acc / sig[r])));
     const int tt = (kk % 16) / 4, e = kk % 4, half = kk / 16;
+#if PK
+    if (r < 4) {
+        const int qh = (Q + 128) >> 8, ql = Q - 256 * qh;          // ql in [-128, 127]
+        u8* base = sqf + (((i64)bh * NCH + c) * 32 + 4 * r + tt) * 8;
+        base[half * 4 + e] = (u8)qh;
+        base[16 * 8 + half * 4 + e] = (u8)ql;                      // lane + 16: column n = r + 4
+    }
+#else
     u8* base = sqf + (((i64)bh * NCH + c) * 32 + 4 * r + tt) * 16;
     base[half * 4 + e] = (u8)(Q >> 8);
     base[8 + half * 4 + e] = (u8)(Q & 255);
+#endif
 }
 
 // Per (b, kv head, query row): attention over the exact tokens [cl, n) (residual ring below n - T,

@@ -100,6 +100,8 @@ def test_emulated_kernel_scores_match_reference(d, m, mo, o):
 # sm_90 compiles on any machine (NVRTC needs no GPU)
 # ---------------------------------------------------------------------------------------------
 CONFIGS = [dict(D=128, MS=256, MO=128, NO=8, VB=2, VG=32, RR=128, NW=4, QDT=1, MK=3, CAUSAL=0, CAUSAL_C=0),
+           dict(D=128, MS=256, MO=128, NO=8, VB=2, VG=32, RR=128, NW=4, QDT=1, MK=4, CAUSAL=0, CAUSAL_C=0, PK=1),
+           dict(D=64, MS=128, MO=128, NO=5, VB=4, VG=32, RR=64, NW=4, QDT=0, MK=0, CAUSAL=1, CAUSAL_C=0, PK=1),
            dict(D=128, MS=512, MO=256, NO=8, VB=2, VG=32, RR=128, NW=4, QDT=0, MK=0, CAUSAL=1, CAUSAL_C=0),
            dict(D=64, MS=256, MO=128, NO=8, VB=4, VG=32, RR=128, NW=4, QDT=0, MK=1, CAUSAL=0, CAUSAL_C=0),
            dict(D=64, MS=128, MO=0, NO=0, VB=2, VG=32, RR=32, NW=4, QDT=1, MK=2, CAUSAL=0, CAUSAL_C=1),
@@ -119,7 +121,7 @@ def _cuobjdump():
 
 
 @nvrtc_ok
-@pytest.mark.parametrize("defines", CONFIGS, ids=lambda d: f"D{d['D']}m{d['MS']}mo{d['MO']}o{d['NO']}v{d['VB']}mk{d['MK']}")
+@pytest.mark.parametrize("defines", CONFIGS, ids=lambda d: f"D{d['D']}m{d['MS']}mo{d['MO']}o{d['NO']}v{d['VB']}mk{d['MK']}pk{d.get('PK', 0)}")
 def test_compiles_for_sm90(defines, tmp_path):
     from qjl_compile.kernels.cuda import compile_source
     cubin = compile_source("qjl_decode", defines, "sm_90")
@@ -221,6 +223,24 @@ def test_cuda_attend_matches_reference(case, mask):
     assert torch.isfinite(out).all()
     rel = ((out.float() - want.float()).norm() / want.float().norm()).item()
     assert rel < (1e-2 if dtype == torch.bfloat16 else 4e-3), rel
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("G", [1, 3, 4])
+def test_packed_planes_match_two_plane_path(G):
+    # <= 4 query rows: both S q planes in one MMA operand (PK) must give the two-MMA result
+    B, H, D, L = 2, 2, 128, 2048
+    st, consts, meta, gen = _state(B, H, L, D, 256, 128, 8, 2, 32, 128, 1500, torch.bfloat16, seed=11 + G)
+    kn = torch.randn(B, H, 1, D, generator=gen, device="cuda").to(torch.bfloat16)
+    ref.append_(st, consts, kn, kn, meta)
+    q = (torch.randn(B, H * G, 1, D, generator=gen, device="cuda") * 2).to(torch.bfloat16)
+    a = cq.qjl_attend_cuda(q, st, consts, kn, kn, None, True, None, meta, pack=True).float()
+    b = cq.qjl_attend_cuda(q, st, consts, kn, kn, None, True, None, meta, pack=False).float()
+    assert ((a - b).norm() / b.norm()).item() < 2e-3
+    with pytest.raises(ValueError, match="pack=True needs <= 4"):
+        q8 = torch.randn(B, H * 8, 1, D, device="cuda", dtype=torch.bfloat16)
+        cq.qjl_attend_cuda(q8, st, consts, kn, kn, None, True, None, meta, pack=True)
 
 
 @gpu
