@@ -721,10 +721,22 @@ extern "C" __global__ void __launch_bounds__(256) qjl_prep(
 
 // Per (b, kv head, query row): attention over the exact tokens [cl, n) (residual ring below n - T,
 // this step's tokens from n - T), merged with the nsplit partials of the compressed tokens.
-// Grid (B * H, M), D threads; out (B, Hq, Tq, D) in q's dtype. Every load is issued before its
-// use (scores: a warp per token; values and split weights staged through shared memory).
+// Grid (B * H, M), D threads; out (B, Hq, Tq, D) in q's dtype. Latency-bound (a few CTAs): every
+// independent load is issued up front -- the first CH_E value rows by cp.async, the split partials
+// into registers -- so the exact-score, value and partial round trips overlap.
 #define EMAX 1024
-#define CH_E 64                 // exact tokens staged at a time
+#define CH_E 136                // exact tokens staged at a time (a ring of 128 + 8 new tokens in one)
+#define PREG 32                 // split partials held in registers (more: read in a loop at the end)
+__device__ __forceinline__ void stage_values(const Args& a, u16 (*vs)[D], int j0, int cnt, int e0, int n_old,
+                                             int c1, int b, int h, int d) {
+    for (int i = d; i < cnt * (D / 8); i += D) {          // 16-byte pieces of cnt value rows
+        const int jj = i / (D / 8), cc = (i % (D / 8)) * 8, pos = e0 + j0 + jj;
+        const u16* vp = pos < n_old ? a.rv + b * a.srb + h * a.srh + (i64)(pos - c1) * a.srt
+                                    : a.vn + b * a.snb + h * a.snh + (i64)(pos - n_old) * a.snt;
+        cp16(&vs[jj][cc], vp + cc);
+    }
+    cp_commit();
+}
 extern "C" __global__ void __launch_bounds__(D) qjl_combine(const Args a, u16* out, i64 sob, i64 soh, i64 sot) {
     const int bh = blockIdx.x, r = blockIdx.y, b = bh / a.H, h = bh % a.H, d = threadIdx.x;
     const int n = (int)a.len[0];
@@ -737,6 +749,11 @@ extern "C" __global__ void __launch_bounds__(D) qjl_combine(const Args a, u16* o
     __shared__ float wsp[EMAX];
     __shared__ float red[D / 32];
     __shared__ __align__(16) u16 vs[CH_E][D];
+    stage_values(a, vs, 0, min(CH_E, ne), e0, n_old, c1, b, h, d);
+    const float* op = a.opart + ((i64)bh * a.nsplit * 8 + r) * D + d;
+    float opr[PREG];
+#pragma unroll
+    for (int s = 0; s < PREG; ++s) opr[s] = s < a.nsplit ? op[(i64)s * 8 * D] : 0.f;
     qrow[d] = q2f(a.q[b * a.sqb + qh * a.sqh + tq * a.sqt + d]);
     const float* lp = a.lse + (i64)bh * a.nsplit * 8 + r;
     float mx = -INFINITY;
@@ -778,13 +795,8 @@ extern "C" __global__ void __launch_bounds__(D) qjl_combine(const Args a, u16* o
     float acc = 0.f, l = 0.f;
     for (int j0 = 0; j0 < ne; j0 += CH_E) {
         const int cnt = min(CH_E, ne - j0);
-        __syncthreads();
-        for (int i = d; i < cnt * (D / 8); i += D) {          // 16-byte pieces of cnt value rows
-            const int jj = i / (D / 8), cc = (i % (D / 8)) * 8, pos = e0 + j0 + jj;
-            const u16* vp = pos < n_old ? a.rv + b * a.srb + h * a.srh + (i64)(pos - c1) * a.srt
-                                        : a.vn + b * a.snb + h * a.snh + (i64)(pos - n_old) * a.snt;
-            *(uint4*)&vs[jj][cc] = *(const uint4*)(vp + cc);
-        }
+        if (j0) { __syncthreads(); stage_values(a, vs, j0, cnt, e0, n_old, c1, b, h, d); }
+        cp_wait<0>();
         __syncthreads();
         for (int jj = 0; jj < cnt; ++jj) {
             const float p = ps[j0 + jj];
@@ -793,9 +805,13 @@ extern "C" __global__ void __launch_bounds__(D) qjl_combine(const Args a, u16* o
         }
     }
     __syncthreads();
-    const float* op = a.opart + ((i64)bh * a.nsplit * 8 + r) * D + d;
-#pragma unroll 16
-    for (int s = 0; s < a.nsplit; ++s) {
+#pragma unroll
+    for (int s = 0; s < PREG; ++s) {
+        const float w = s < a.nsplit ? wsp[s] : 0.f;
+        l += w;
+        acc += w * opr[s];
+    }
+    for (int s = PREG; s < a.nsplit; ++s) {
         const float w = wsp[s];
         l += w;
         acc += w * op[(i64)s * 8 * D];
