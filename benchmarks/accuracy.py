@@ -289,6 +289,19 @@ def _fmt(x, spec=".2f", na="n/a"):
     return na if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def window_deltas(row: dict, fp16: dict, st: str) -> list[float]:
+    """Δppl % of each window of set `st` against the exact cache's same window (empty if absent)."""
+    p, b = row["ppl"].get(st), fp16["ppl"].get(st)
+    if p is None or b is None:
+        return []
+    return [100.0 * (a / c - 1.0) for a, c in zip(p.get("per_window_ppl", []), b.get("per_window_ppl", []))]
+
+
+def spread(ds: list[float]) -> str:
+    """'[min, max] over n' of per-window Δppl %, '' for fewer than two windows."""
+    return "" if len(ds) < 2 else f"[{min(ds):+.2f}, {max(ds):+.2f}] n={len(ds)}"
+
+
 def table(result: dict, fmt: str = "github") -> str:
     from tabulate import tabulate
 
@@ -296,8 +309,10 @@ def table(result: dict, fmt: str = "github") -> str:
     copies = sorted({k for r in result["rows"] for k in (r.get("copy") or {})})
     wmax = str(max(result["windows"]))
     head = ["method", "K bits", "V bits", "bits/value", f"alloc bits @{wmax}"]
+    fp16 = next((r for r in result["rows"] if r["method"] == "fp16"), None)
+    multi = {st for st in sets if fp16 and len(fp16["ppl"].get(st, {}).get("per_window_ppl", [])) > 1}
     for st in sets:
-        head += [f"Δppl % {st}", f"KL {st}"]
+        head += [f"Δppl % {st}"] + ([f"per-window Δppl % {st}"] if st in multi else []) + [f"KL {st}"]
     head += [f"copy {c}" for c in copies]
     has_needle = any(r.get("needle") for r in result["rows"])
     if has_needle:
@@ -308,7 +323,9 @@ def table(result: dict, fmt: str = "github") -> str:
         line = [r["method"], _fmt(r["k_bits"]), _fmt(r["v_bits"]), _fmt(r["bits"]), _fmt(r["alloc_bits"].get(wmax))]
         for st in sets:
             p = r["ppl"].get(st)
-            line += ["n/a"] * 2 if p is None else [_fmt(p["ppl_change_pct"], "+.2f"), _fmt(p["kl"], ".4f")]
+            sp = [spread(window_deltas(r, fp16, st)) or "n/a"] if st in multi else []
+            line += ["n/a"] * (2 + len(sp)) if p is None else [_fmt(p["ppl_change_pct"], "+.2f"), *sp,
+                                                             _fmt(p["kl"], ".4f")]
         for c in copies:
             x = (r.get("copy") or {}).get(c)
             line.append("n/a" if x is None else f"{x['acc']:.3f}")
@@ -333,7 +350,8 @@ def describe(result: dict) -> str:
     return (f"Model {result['model']} ({result['dtype']}, {result['device']}). Texts: {texts}. Splits: tune = "
             f"windows from the first half of each text, heldout = from the second half (disjoint). "
             f"{_nwin(result['n_windows'])}; sets ({ws}); the rest teacher-forced in chunks of {result['chunk']} "
-            f"over the compressed cache. KL = mean KL(fp16 || method) per scored token. Copy = next-token "
+            f"over the compressed cache. Δppl % = of the perplexity pooled over a set's windows; per-window = "
+            f"[min, max] of each window's own Δppl %. KL = mean KL(fp16 || method) per scored token. Copy = next-token "
             f"accuracy (argmax) on the second occurrence of a {cp['span']}-token span repeated after a "
             f"{cp['context']}-token context (first occurrence at depths {cp['depths']}, compressed), "
             f"{cp['trials']} context(s) per depth. Bits: K/V = codec rate on compressed tokens; bits/value = "
@@ -493,7 +511,7 @@ def merge(results: list[dict]) -> dict:
     out["windows"] = sorted({w for r in results for w in r["windows"]})
     for k in ("prefill", "set_info", "text", "text_tokens"):
         out[k] = {w: v for r in results for w, v in r.get(k, {}).items()}
-    out["sets"] = [st for r in results for st in _sets(r)]
+    out["sets"] = list(dict.fromkeys(st for r in results for st in _sets(r)))   # a set run twice: once
     per = {str(w): r["n_windows"] for r in results for w in r["windows"]}
     out["n_windows"] = per if len(set(per.values())) > 1 else next(iter(per.values()))
     out["needle"] = next((r["needle"] for r in results if r["needle"].get("context_tokens")), out["needle"])

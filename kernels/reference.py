@@ -49,6 +49,8 @@ def sketch(d: int, m: int, seed: int, salt: int = 0) -> torch.Tensor:
     Stacks ceil(m/d) Haar-random orthogonal d x d blocks scaled by sqrt(d), so every row has
     norm sqrt(d) and rows within a block are orthogonal; keeps the first m rows.
     """
+    if m == 0:   # no sketch (e.g. the outlier sketch with outliers=0)
+        return torch.zeros(0, d, dtype=torch.float32)
     g = torch.Generator(device="cpu").manual_seed(int(seed) * 1_000_003 + int(salt))
     blocks = []
     for _ in range(-(-m // d)):
