@@ -6,7 +6,8 @@ mask (B, 1, 1, L). What each form costs, and which SDPA kernel torch picks for i
   gqa         SDPA(q, K, V, mask, enable_gqa=True)                               (grouped_sdpa pass, "gqa")
   rows        the G query heads of a kv head as G query rows, SDPA with the mask (grouped_sdpa pass, "rows")
   flash-n     SDPA over the n stored tokens only, no mask, enable_gqa: what a length-aware kernel
-              reads (not reachable from a static-shape mask; a reference, not a mode)
+              reads (not reachable from a static-shape mask; a reference, not a mode; torch picks its
+              kernel, cuDNN on the H200 with torch 2.11, despite the name)
 
 Median of CUDA-graph replays (benchmarks/timer.py), L2 flushed. ``--out`` writes JSON.
 

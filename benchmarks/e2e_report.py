@@ -158,11 +158,15 @@ def strong_peer_targets(res: dict) -> list[dict]:
                             where=f"{sv[m]['kv_budget_bytes'] / GiB:.3g} GiB full-depth KV, "
                                   f"{fmt_tokens(sv[m]['prompt'])} requests, {sv[m]['layers']} layers run"))
     tt = {r["mode"]: r for r in res.get("ttft", []) if _ok(r)}
+    # the fp16 peer's time to first token: the faster of its two prefill paths (HF eager over the
+    # StaticCache, as the inductor mode prefills; the qjl passes with grouped SDPA)
+    best = min((tt[p] for p in PEERS if p in tt), key=lambda r: r["ttft_s"], default=None)
     for m in ("qjl", "rotation"):
-        if m in tt and "grouped" in tt:
-            v = tt[m]["ttft_s"] / tt["grouped"]["ttft_s"]
-            out.append(dict(target=f"{m} time to first token within 10% of the strong fp16 peer's",
-                            value=f"{v:.2f}x ({tt[m]['ttft_s'] * 1e3:.0f} vs {tt['grouped']['ttft_s'] * 1e3:.0f} ms)",
+        if m in tt and best is not None:
+            v = tt[m]["ttft_s"] / best["ttft_s"]
+            out.append(dict(target=f"{m} time to first token within 10% of the fp16 peer's (faster prefill path)",
+                            value=f"{v:.2f}x ({tt[m]['ttft_s'] * 1e3:.0f} vs {best['ttft_s'] * 1e3:.0f} ms, "
+                                  f"{best['mode']} prefill)",
                             met=v <= 1.1, where=f"{fmt_tokens(tt[m]['prompt'])} prompt, {tt[m]['layers']} layers"))
     return out
 
