@@ -150,6 +150,14 @@ def stage_bytes(D, m, mo, vb, vg) -> int:
     return 32 * (m // 8) + 32 * (mo // 8) + 64 + 64 + 16 + 32 * (D * vb // 8) + 2 * 64 * (D // vg)
 
 
+def dyn_smem(nw, stages, D, m, mo, o, vb, vg) -> int:
+    """Dynamic shared memory of qjl_split: the stages of every warp, which the CTA's merge reuses
+    for the warps' partial outputs (NW x 8 x D fp32) once the loop is done."""
+    if not stages:
+        return 0
+    return max(nw * stages * stage_bytes(D, m, mo, vb, vg), nw * 8 * D * 4)
+
+
 def _config(B, H, LC):
     """(warps per CTA, splits) from static shapes (CUDA-graph safe).
 
@@ -171,7 +179,8 @@ def split_plan(LC: int, nsplit: int, nw: int) -> tuple[int, int]:
 
 
 def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, scale=None, meta=None,
-                    nsplit=None, num_warps=None, min_blocks=None, sq_smem=None, stages=None, pack=None):
+                    nsplit=None, num_warps=None, min_blocks=None, sq_smem=None, stages=None, pack=None,
+                    prefetch=None):
     """Fused QJL decode attention, CUDA C++ (semantics of kernels.reference.attend).
 
     Parameters
@@ -199,6 +208,8 @@ def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
     pack : bool, optional
         Both 8-bit planes of S q in one MMA operand (needs <= 4 query rows per kv head; default: when
         they are).
+    prefetch : bool, optional
+        Prefetch the next group's sketch-column fragments into L1 (default on).
 
     Returns
     -------
@@ -235,11 +246,13 @@ def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
     if pk and M > 4:
         raise ValueError(f"pack=True needs <= 4 query rows per kv head, got {M}")
     defines["PK"] = int(pk)
+    if prefetch is not None:
+        defines["PF"] = int(prefetch)
     if sq_smem is not None:
         defines["SQ_SMEM"] = int(sq_smem)
     nst = STAGES if stages is None else int(stages)
     defines["STAGES"] = nst
-    dyn = nw * nst * stage_bytes(D, m, mo, vb, vg)
+    dyn = dyn_smem(nw, nst, D, m, mo, o, vb, vg)
     fns = module("qjl_decode", defines, KERNELS, q.device)
     _, scol, scsum, sig_s = sketch_planes(consts[0])
     srows = sketch_rows(consts[0])

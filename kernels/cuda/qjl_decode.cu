@@ -66,12 +66,12 @@ __device__ __forceinline__ u32 movt(u32 x) {
     u32 y; asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x)); return y;
 }
 __device__ __forceinline__ void mma_us(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                  : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 __device__ __forceinline__ void mma_uu(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.u8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                  : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
@@ -143,6 +143,12 @@ __device__ __forceinline__ void load_words(u32 (&w)[W], const u8* p) {
 #ifndef STAGES
 #define STAGES 3
 #endif
+// PF=1: the next group's sketch-column fragments (B operands of the outlier products, read from
+// global memory) are prefetched into L1 one group ahead: from L2 their latency stalled the first
+// outlier MMA (ncu: 14% of the samples), and ptxas hoists those MMAs next to the main ones.
+#ifndef PF
+#define PF 1
+#endif
 // one 32-token group in shared memory (bytes): signs, outlier signs, norms, outlier channels,
 // value codes, scales, zeros, each the contiguous rows of the global buffer
 #define ST_BITS 0
@@ -165,7 +171,9 @@ __device__ __forceinline__ void cp8(void* s, const void* g) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(smem_addr(s)), "l"(g));
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N)); }
+template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
+
+__device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" :: "l"(p)); }
 
 template <int BYTES>
 __device__ __forceinline__ void cp_block(u8* s, const u8* g, int lane) {
@@ -222,7 +230,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
     __shared__ float qf[8][D];
     __shared__ u16 qhs[8][D];
 #if STAGES
-    extern __shared__ __align__(16) u8 dsm[];       // NW * STAGES * ST_SIZE bytes (launcher)
+    extern __shared__ __align__(16) u8 dsm[];       // max(NW * STAGES * ST_SIZE, NW * 8 * D * 4) bytes (launcher)
 #endif
     for (int i = threadIdx.x; i < 8 * D; i += NW * 32) {
         const int r = i / D, d = i % D;
@@ -288,7 +296,11 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
 
     // every warp leaves its (m, l, unnormalized acc) here; the CTA merges them into one partial
     __shared__ float wm[NW][8], wl[NW][8];
+#if STAGES
+    float (*wo)[8][D] = (float (*)[8][D])dsm;       // the stages are free by then (launcher sizes dsm for both)
+#else
     __shared__ float wo[NW][8][D];
+#endif
     const int nslot = a.nsplit;
 
     {
@@ -341,6 +353,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
         // each warp streams its groups through STAGES shared-memory buffers (cp.async), so the
         // loads of the next groups are in flight while this one is computed
         u8* wst = dsm + warp * (STAGES * ST_SIZE);
+
         const int g_first = lo + warp * 32;
 #pragma unroll
         for (int s_ = 0; s_ < STAGES - 1; ++s_) {
@@ -352,7 +365,13 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
 #endif
         for (int g0 = lo + warp * 32; g0 < hi; g0 += NW * 32) {
             const bool tail = g0 + 32 > hi;             // warp-uniform: only the last group is partial
+#if PF && NO > 0
+            // the next group's outlier channel of lane group g (prefetched at the end of this group)
+            const int gnext = g0 + NW * 32;
+            const int cnext = (gnext < hi && g < NO) ? (int)a.kidx[(tb + gnext) / 32 * NO + g] : 0;
+#endif
 #if STAGES
+            const u8* gst = wst + (it % STAGES) * ST_SIZE;
             {
                 const int gg = g0 + (STAGES - 1) * NW * 32;
                 if (gg < hi) stage_group(a, wst + ((it + STAGES - 1) % STAGES) * ST_SIZE, tb + gg, lane);
@@ -360,7 +379,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
                 cp_wait<STAGES - 1>();
                 __syncwarp();
             }
-            const u8* gst = wst + (it % STAGES) * ST_SIZE;
             ++it;
             const u8* G_BITS = gst + ST_BITS;
             const u8* G_OBITS = gst + ST_OBITS;
@@ -611,6 +629,18 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
 #pragma unroll
                 for (int i = 0; i < NT; ++i) mma_h16(acc[i], af[i][0], af[i][1], af[i][2], af[i][3], b0, b1);
             }
+#if PF && NO > 0
+            if (gnext < hi) {                           // its column fragments: NCH / 2 (+ NCHO / 2) lines of 128 B
+                const u8* cb = (const u8*)a.scol + (i64)cnext * NCH * 64;
+#pragma unroll
+                for (int L = t; L < NCH / 2; L += 4) prefetch_l1(cb + L * 128);
+#if MO > 0
+                const u8* ob = (const u8*)a.socol + (i64)cnext * NCHO * 64;
+#pragma unroll
+                for (int L = t; L < NCHO / 2; L += 4) prefetch_l1(ob + L * 128);
+#endif
+            }
+#endif
 #if STAGES
             __syncwarp();                               // this stage is refilled STAGES - 1 groups later
 #endif
@@ -619,6 +649,9 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
         cp_wait<0>();
 #endif
     }
+#if STAGES
+    __syncthreads();                                // wo aliases the stages
+#endif
     // l over the 8 lanes of equal t; m is already uniform there
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
