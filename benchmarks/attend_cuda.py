@@ -95,10 +95,8 @@ def main(argv=None):
                 kw["min_blocks"] = int(val)
             elif key == "pk":
                 kw["pack"] = bool(int(val))
-            elif key == "pf":
-                kw["prefetch"] = bool(int(val))
             else:
-                raise SystemExit(f"unknown variant key {key!r} (nw, ns, st, sqsmem, minb, pk, pf)")
+                raise SystemExit(f"unknown variant key {key!r} (nw, ns, st, sqsmem, minb, pk)")
         variants.append((v, kw))
     if a.once:
         from qjl_compile.kernels.cuda.qjl import qjl_attend_cuda

@@ -179,8 +179,7 @@ def split_plan(LC: int, nsplit: int, nw: int) -> tuple[int, int]:
 
 
 def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, scale=None, meta=None,
-                    nsplit=None, num_warps=None, min_blocks=None, sq_smem=None, stages=None, pack=None,
-                    prefetch=None):
+                    nsplit=None, num_warps=None, min_blocks=None, sq_smem=None, stages=None, pack=None):
     """Fused QJL decode attention, CUDA C++ (semantics of kernels.reference.attend).
 
     Parameters
@@ -208,8 +207,6 @@ def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
     pack : bool, optional
         Both 8-bit planes of S q in one MMA operand (needs <= 4 query rows per kv head; default: when
         they are).
-    prefetch : bool, optional
-        Prefetch the next group's sketch-column fragments into L1 (default on).
 
     Returns
     -------
@@ -246,8 +243,6 @@ def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
     if pk and M > 4:
         raise ValueError(f"pack=True needs <= 4 query rows per kv head, got {M}")
     defines["PK"] = int(pk)
-    if prefetch is not None:
-        defines["PF"] = int(prefetch)
     if sq_smem is not None:
         defines["SQ_SMEM"] = int(sq_smem)
     nst = STAGES if stages is None else int(stages)

@@ -143,12 +143,6 @@ __device__ __forceinline__ void load_words(u32 (&w)[W], const u8* p) {
 #ifndef STAGES
 #define STAGES 3
 #endif
-// PF=1: the next group's sketch-column fragments (B operands of the outlier products, read from
-// global memory) are prefetched into L1 one group ahead: from L2 their latency stalled the first
-// outlier MMA (ncu: 14% of the samples), and ptxas hoists those MMAs next to the main ones.
-#ifndef PF
-#define PF 1
-#endif
 // one 32-token group in shared memory (bytes): signs, outlier signs, norms, outlier channels,
 // value codes, scales, zeros, each the contiguous rows of the global buffer
 #define ST_BITS 0
@@ -172,8 +166,6 @@ __device__ __forceinline__ void cp8(void* s, const void* g) {
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
-
-__device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" :: "l"(p)); }
 
 template <int BYTES>
 __device__ __forceinline__ void cp_block(u8* s, const u8* g, int lane) {
@@ -365,11 +357,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
 #endif
         for (int g0 = lo + warp * 32; g0 < hi; g0 += NW * 32) {
             const bool tail = g0 + 32 > hi;             // warp-uniform: only the last group is partial
-#if PF && NO > 0
-            // the next group's outlier channel of lane group g (prefetched at the end of this group)
-            const int gnext = g0 + NW * 32;
-            const int cnext = (gnext < hi && g < NO) ? (int)a.kidx[(tb + gnext) / 32 * NO + g] : 0;
-#endif
 #if STAGES
             const u8* gst = wst + (it % STAGES) * ST_SIZE;
             {
@@ -629,18 +616,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
 #pragma unroll
                 for (int i = 0; i < NT; ++i) mma_h16(acc[i], af[i][0], af[i][1], af[i][2], af[i][3], b0, b1);
             }
-#if PF && NO > 0
-            if (gnext < hi) {                           // its column fragments: NCH / 2 (+ NCHO / 2) lines of 128 B
-                const u8* cb = (const u8*)a.scol + (i64)cnext * NCH * 64;
-#pragma unroll
-                for (int L = t; L < NCH / 2; L += 4) prefetch_l1(cb + L * 128);
-#if MO > 0
-                const u8* ob = (const u8*)a.socol + (i64)cnext * NCHO * 64;
-#pragma unroll
-                for (int L = t; L < NCHO / 2; L += 4) prefetch_l1(ob + L * 128);
-#endif
-            }
-#endif
 #if STAGES
             __syncwarp();                               // this stage is refilled STAGES - 1 groups later
 #endif
