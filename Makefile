@@ -8,8 +8,11 @@ TORCH  ?= torch==2.13.0
 TRANSFORMERS ?= transformers
 COMPAT_TRANSFORMERS ?= transformers==5.17.0
 COMPAT_VENV ?= .venv-compat
-# what touches transformers: the HF cache / generate / compile tests, the passes on HF graphs, the CLI
-COMPAT_TESTS ?= tests/e2e tests/passes tests/test_cli.py
+# what touches transformers: the HF cache / generate / compile / hybrid / tensor-parallel tests, the
+# passes on HF graphs, the CLI (the benchmark smoke and the real-model demo run once, on the newest)
+COMPAT_TESTS ?= tests/e2e/test_cache_hf.py tests/e2e/test_compile.py tests/e2e/test_fallback_warnings.py \
+                tests/e2e/test_generate_features.py tests/e2e/test_hybrid.py tests/e2e/test_tp.py \
+                tests/e2e/test_compiled_prefill.py tests/passes tests/test_cli.py
 TESTS  ?=
 STAMP  := $(VENV)/.installed
 
