@@ -189,3 +189,63 @@ def test_qjl_without_outlier_sketch():
     torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
     rel = ((Kd[:, :, :64] - k).norm() / k.norm()).item()
     assert 0 < rel < 0.5   # compressed, centered keys: the shared offset is exact
+
+
+def _layer_bits():
+    spec = importlib.util.spec_from_file_location("layer_bits17", ROOT / "benchmarks" / "layer_bits.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_layer_bits_greedy_allocation():
+    """Greedy schedule on a toy error table: upgrades go where they gain most, a downgrade pays for
+    one more upgrade only when it costs less than 0.7x the gain, and the rate stays in budget."""
+    lb = _layer_bits()
+    t = torch.tensor
+    # 4 layers; keys of layer 1 are very sensitive, values of layer 3 insensitive
+    E = {("k", 2): t([4.0, 90.0, 4.0, 4.0]), ("k", 3): t([2.0, 50.0, 2.0, 2.0]), ("k", 4): t([0.5, 10.0, 1.0, 1.0]),
+         ("v", 2): t([4.0, 4.0, 4.0, 2.01]), ("v", 3): t([2.0, 2.0, 2.0, 2.0]), ("v", 4): t([1.0, 1.0, 1.0, 1.0])}
+    D, R = 64, 128
+    base = (3 + 16 / D + 16 / R + 3 + 16 / D) / 2
+    kb, vb, rate, err = lb.allocate(E, base + 1 / 8, D, R)        # budget: exactly one upgrade
+    # k1 (gain 40) fits; k0 (gain 1.5) is paid by layer 3's values 3 -> 2 (cost 0.01); the next
+    # upgrade (gain 1) finds no downgrade cheaper than 0.7 (each costs 2): stop
+    assert kb == [4, 4, 3, 3] and vb == [3, 3, 3, 2]
+    assert abs(rate - (base + 1 / 8)) < 1e-9
+    assert abs(err - sum(E[("k", b)][i].item() + E[("v", c)][i].item()
+                         for i, (b, c) in enumerate(zip(kb, vb))) / 4) < 1e-9
+
+
+def test_layer_bits_errors_on_a_tiny_model():
+    lb = _layer_bits()
+    model = models.tiny_llama(layers=2, hidden=128, heads=4, kv_heads=2, head_dim=32, vocab=512)
+    ids = torch.randint(0, 512, (1, 96), generator=torch.Generator().manual_seed(0))
+    rec = lb.record_qkv(model, ids)
+    assert sorted(rec) == [0, 1] and rec[0][0].shape == (4, 96, 32) and rec[0][1].shape == (2, 96, 32)
+    assert model.config._attn_implementation != "qjl_record"      # restored
+    E = lb.layer_errors(rec, 64, 32, "match", 0, 42)
+    for w in "kv":
+        assert (E[(w, 2)] > E[(w, 4)]).all() and (E[(w, 4)] > 0).all()
+    # direct check of one entry: layer 0, values at 3 bits through the cache's own codec path
+    from qjl_compile.kernels import rotation as rot
+    q, k, v = rec[0]
+    consts = rot.make_consts(32, 3, 3, False, 42, 0)
+    params = [3, 3, 0, rot.SCALE_MODES["match"], 0, 1, 32]
+    vh = ref_values(consts, params, k[None, :, :64], v[None, :, :64])[0]
+    o, oh = lb.attention(q, k, v, 64), lb.attention(q, k, torch.cat([vh, v[:, 64:]], 1), 64)
+    assert abs(E[("v", 3)][0].item() - ((oh - o).pow(2).sum() / o.pow(2).sum()).item()) < 1e-6
+
+
+def ref_values(consts, params, k, v):
+    """Values decoded by reference.append_ + dequantize into a one-layer rotation state."""
+    from qjl_compile.kernels import reference as ref
+
+    codec = ref.CODECS[2]
+    B, H, N, D = v.shape
+    st = ref.make_state(codec, B, H, N + 32, D, 32, consts, params, torch.float32, torch.float16, "cpu")
+    meta = [2, 32, N + 32, *params]
+    ref.append_(st, consts, k, v, meta)
+    e = v[:, :, :0]
+    return ref.dequantize(st, consts, e, e, meta)[1][:, :, :N]
