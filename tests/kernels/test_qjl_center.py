@@ -165,3 +165,23 @@ def test_triton_attend_refuses_center_and_dispatch_routes(caplog):
     assert sum("qjl_center" in r.getMessage() for r in caplog.records) == 1       # said once
     want = ref.attend(q, st, consts, kn, vn, None, True, None, meta)
     torch.testing.assert_close(out.float(), want.float(), atol=2e-3, rtol=2e-3)
+
+
+def test_triton_append_center_without_outliers_matches_reference():
+    """m480-center-v4's layout (issue 17): centering, no outlier channels, no outlier sketch (m_out=0)."""
+    from qjl_compile.kernels.triton.qjl_append import qjl_append_
+
+    gen = torch.Generator().manual_seed(5)
+    B, H, D, R = 1, 2, 32, 32
+    st_r, consts, meta = make(B, H, D, 96, R, 32, 0, 0, center=True, dtype=torch.float16)
+    assert consts[1].shape == (0, D)
+    st_t = [x.clone() for x in st_r]
+    k = _keys(B, H, 70, D, gen).half()
+    v = torch.randn(B, H, 70, D, generator=gen).half()
+    ref.append_(st_r, consts, k, v, meta)
+    qjl_append_(st_t, consts, k, v, meta)
+    assert int(st_t[0]) == 70
+    torch.testing.assert_close(st_t[11][:, :, :2].float(), st_r[11][:, :, :2].float(), atol=2e-3, rtol=1e-3)
+    flips = (ref.unpack_bits(st_t[3][:, :, :64]) != ref.unpack_bits(st_r[3][:, :, :64])).float().mean().item()
+    assert flips < 2e-3, flips
+    torch.testing.assert_close(st_t[4][:, :, :64].float(), st_r[4][:, :, :64].float(), rtol=2e-3, atol=2e-3)
