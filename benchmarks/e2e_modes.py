@@ -255,27 +255,27 @@ def fill_cache(mode: Mode, cache, model, B: int, T: int, random: bool, chunk: in
         z = torch.zeros(B, H, n, D, dtype=dt, device=dev)
         return z, z
 
+    def in_chunks(write):
+        done = 0
+        while done < T:
+            n = min(chunk, T - done)
+            write(done, n, *kv(n))
+            done += n
+
     if mode.cache == "static":
         for layer in cache.layers:
             if random:
-                done = 0
-                while done < T:
-                    n = min(chunk, T - done)
-                    k, v = kv(n)
-                    layer.keys[:, :, done: done + n] = k
-                    layer.values[:, :, done: done + n] = v
-                    done += n
+                def put(at, n, k, v, layer=layer):
+                    layer.keys[:, :, at: at + n] = k
+                    layer.values[:, :, at: at + n] = v
+                in_chunks(put)
             layer.cumulative_length.fill_(T)
         return
     if mode.cache in COMPRESSED:
         for layer in cache.layers:
             if random:
-                done = 0
-                while done < T:
-                    n = min(chunk, T - done)
-                    k, v = kv(n)
-                    torch.ops.qjl.append(layer.state, layer.consts, k, v, layer.meta)
-                    done += n
+                in_chunks(lambda at, n, k, v, layer=layer: torch.ops.qjl.append(layer.state, layer.consts, k, v,
+                                                                                 layer.meta))
             else:
                 layer.state[0].fill_(T)
             layer.seen = T

@@ -27,34 +27,10 @@ import logging
 import torch
 from torch import fx
 
-from .fx_utils import bind_op, bind_sdpa, is_sdpa, layer_of, layer_of_state, same, shape, trace_kv, val
+from .fx_utils import bind_op, bind_sdpa, is_sdpa, layer_of, layer_of_state, replace_call, same, shape, trace_kv, val
 from .manager import PassContext, bump, erase_dead
 
 log = logging.getLogger("qjl_compile.passes.fuse_attention")
-
-_META_SKIP = ("source_fn_stack", "original_aten", "from_node")
-
-
-def _fake_call(target, args, like: fx.Node):
-    """Run `target` on the fake values of `args` (for node.meta); None if that is not possible."""
-    def to_val(a):
-        if isinstance(a, fx.Node):
-            return val(a)
-        if isinstance(a, (list, tuple)):
-            return type(a)(to_val(x) for x in a)
-        return a
-
-    fv = val(like)
-    mode = getattr(fv, "fake_mode", None)
-    if mode is None:
-        return None
-    try:
-        with mode:
-            return target(*[to_val(a) for a in args])
-    except Exception as e:  # noqa: BLE001 - meta is best effort, the op's fake impl is tested elsewhere
-        log.debug("fake run of %s failed (%s); reusing the attention's meta", target, e)
-        return None
-
 
 class FuseQJLAttention:
     """SDPA over ``qjl.dequantize`` outputs -> ``qjl.attend`` (counter ``qjl/fuse_attention``)."""
@@ -153,18 +129,7 @@ class FuseQJLAttention:
         d = bind_op(kd)
         args = (q, d["state"], d["consts"], d["k_new"], d["v_new"], mask, is_causal, a["scale"], d["meta"])
         target = torch.ops.qjl.attend.default
-        with graph.inserting_before(node):
-            new = graph.call_function(target, args)
-        for k, v in node.meta.items():
-            if k not in _META_SKIP:
-                new.meta[k] = v
-        fv = _fake_call(target, args, q)
-        if fv is not None:
-            for k in ("val", "example_value"):
-                if k in node.meta:
-                    new.meta[k] = fv
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        new = replace_call(graph, node, target, args, q)
         erased = erase_dead(graph, list(reversed(ks.chain)) + list(reversed(vs.chain)) + [ks.base, vs.base, kd])
         if kd not in erased:
             site.reason = "rewritten; dequantize kept: it has other users"

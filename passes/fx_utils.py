@@ -8,6 +8,7 @@ can be reused on a pre-dispatch/aten graph.
 from __future__ import annotations
 
 import inspect
+import logging
 import operator
 import re
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from typing import Any, Optional
 
 import torch
 from torch import fx
+
+_log = logging.getLogger("qjl_compile.passes")
 
 aten = torch.ops.aten
 
@@ -360,3 +363,45 @@ def score_features(dequantize: fx.Node, limit: int = 64) -> set[str]:
     if "eager" not in found:
         return set()
     return found
+
+
+_META_SKIP = ("source_fn_stack", "original_aten", "from_node")
+
+
+def fake_call(target, args, like: fx.Node):
+    """Run `target` on the fake values of `args` (for node.meta); None if that is not possible."""
+    def to_val(a):
+        if isinstance(a, fx.Node):
+            return val(a)
+        if isinstance(a, (list, tuple)):
+            return type(a)(to_val(x) for x in a)
+        return a
+
+    fv = val(like)
+    mode = getattr(fv, "fake_mode", None)
+    if mode is None:
+        return None
+    try:
+        with mode:
+            return target(*[to_val(a) for a in args])
+    except Exception as e:  # noqa: BLE001 - meta is best effort, the op's fake impl is tested elsewhere
+        _log.debug("fake run of %s failed (%s); reusing the attention's meta", target, e)
+        return None
+
+
+def replace_call(graph: fx.Graph, node: fx.Node, target, args, like: fx.Node) -> fx.Node:
+    """Put ``target(*args)`` where `node` was: its meta (the fake value recomputed from `like`'s fake
+    mode where possible), all its uses; `node` is erased. Returns the new node."""
+    with graph.inserting_before(node):
+        new = graph.call_function(target, args)
+    for k, v in node.meta.items():
+        if k not in _META_SKIP:
+            new.meta[k] = v
+    fv = fake_call(target, args, like)
+    if fv is not None:
+        for k in ("val", "example_value"):
+            if k in node.meta:
+                new.meta[k] = fv
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new

@@ -36,17 +36,13 @@ import torch.nn.functional as F
 from torch import fx
 
 from .detect_uncompressed import classify, is_qjl_sliding
-from .fuse_attention import _fake_call
-from .fx_utils import bind_sdpa, is_sdpa, layer_of, same, shape, trace_kv, val
+from .fx_utils import bind_sdpa, is_sdpa, layer_of, replace_call, same, shape, trace_kv, val
 from .manager import PassContext, bump, erase_dead
 
 log = logging.getLogger("qjl_compile.passes.grouped_sdpa")
 
 FORMS = ("auto", "gqa", "rows")
 BACKEND_NAMES = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}  # torch's SDPBackend
-_META_SKIP = ("source_fn_stack", "original_aten", "from_node")
-
-
 # ----------------------------------------------------------------------------------------------
 # pattern and replacements (plain functions; the replacements are what the rewritten graph calls)
 def pattern(q, keys, values, mask, scale, groups: int):
@@ -177,18 +173,7 @@ class GroupedSDPA:
         else:
             return self._skip(site, node, f"prefill chunk (Tq={Tq}) and no fused SDPA kernel takes grouped heads "
                                           f"with a mask on {qv.device} here (repeat_kv kept)")
-        with graph.inserting_before(node):
-            new = graph.call_function(target, args)
-        for k, v in node.meta.items():
-            if k not in _META_SKIP:
-                new.meta[k] = v
-        fv = _fake_call(target, args, q)
-        if fv is not None:
-            for k in ("val", "example_value"):
-                if k in node.meta:
-                    new.meta[k] = fv
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        new = replace_call(graph, node, target, args, q)
         erased = erase_dead(graph, list(reversed(ks.chain)) + list(reversed(vs.chain)))
         site.matched = site.matched if site.matched != "-" else (kind_k or "StaticCache")
         picked = BACKEND_NAMES.get(fused, str(fused))
