@@ -21,9 +21,12 @@ the graph writes in place (HF's StaticCache, as `detect_uncompressed.classify` r
 sliced; dropout 0, no is_causal, constant flags; a mask whose shape broadcasts to (B, 1, Tq, L) (the
 static-cache mask: one row per query position over the whole static length, the same for every head);
 query heads Hkv * G. A prefill chunk (Tq > 1) where no fused kernel takes grouped heads is left as it
-is (the rows form would need the mask repeated G times). Exact sliding-window layers of a QJLCache are
+is (the rows form would need the mask repeated G times). A prefill chunk (Tq > 1, bool mask) where the
+grouped form applies becomes `causal_prefill.static_prefill_sdpa` instead: per call, causal SDPA over the
+filled prefix when the mask is that of an empty cache (HF's eager shortcut, which tracing disables), else
+the masked grouped SDPA (``QJL_GROUPED_PREFILL=off`` keeps the masked form; see causal_prefill.py). Exact sliding-window layers of a QJLCache are
 left to that cache's design. ``QJL_GROUPED_SDPA=auto|gqa|rows`` picks the form (default auto: gqa where
-fused, else rows for decode). Counters: ``qjl/grouped_sdpa`` and ``qjl/grouped_sdpa_{gqa,rows}``.
+fused, else rows for decode). Counters: ``qjl/grouped_sdpa`` and ``qjl/grouped_sdpa_{gqa,rows,prefill}``.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from . import causal_prefill
 from .detect_uncompressed import classify, is_qjl_sliding
 from .fx_utils import bind_sdpa, is_sdpa, layer_of, replace_call, same, shape, trace_kv, val
 from .manager import PassContext, bump, erase_dead
@@ -166,7 +170,12 @@ class GroupedSDPA:
         qv, mv = val(q), val(mask)
         tq_probe = min(Tq, 64) if isinstance(Tq, int) else 16  # the kernel choice does not depend on Tq
         fused = fused_gqa_backend(str(qv.device), qv.dtype, qs[1], H, D, vb[3], tq_probe, mv.dtype)
-        if form == "gqa" or (form == "auto" and fused) or (form == "rows" and not decode and fused):
+        grouped = form == "gqa" or (form == "auto" and fused) or (form == "rows" and not decode and fused)
+        if grouped and not decode and mv.dtype == torch.bool and causal_prefill.setting() == "auto":
+            # a prefill chunk: causal SDPA over the filled prefix when the cache was empty (decided per call)
+            target, how = torch.ops.qjl_passes.static_prefill_sdpa.default, "prefill"
+            args = (q, ks.base, vs.base, mask, a["scale"], G)
+        elif grouped:
             target, args, how = grouped_sdpa_gqa, (q, ks.base, vs.base, mask, a["scale"]), "gqa"
         elif decode:
             target, args, how = grouped_sdpa_rows, (q, ks.base, vs.base, mask, a["scale"], G), "rows"

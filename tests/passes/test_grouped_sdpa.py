@@ -17,6 +17,7 @@ from qjl_compile.passes import grouped_sdpa
 from qjl_compile.passes.fx_utils import is_sdpa, shape
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+PREFILL_OP = torch.ops.qjl_passes.static_prefill_sdpa.default
 
 HEADS, LAYERS, CAP = 4, 2, 64
 
@@ -82,13 +83,19 @@ def test_hf_static_cache_logits_match_eager(kv_heads):
     # (transformers 5.17; 5.24 already calls SDPA with enable_gqa and no mask on an empty cache)
     n = counters["qjl"]["grouped_sdpa"]
     assert n in (2 * LAYERS, 3 * LAYERS)
-    assert counters["qjl"]["grouped_sdpa_gqa"] == n  # CPU: the fused kernel takes grouped heads
+    # CPU: the fused kernel takes grouped heads; decode -> gqa, prefill chunks -> the per-call causal/masked op
+    assert counters["qjl"]["grouped_sdpa_gqa"] == LAYERS and counters["qjl"]["grouped_sdpa_prefill"] == n - LAYERS
+    # at run time: the masked 4-token chunk (cache not empty) took the masked path in every layer
+    assert counters["qjl"]["static_prefill_masked"] == LAYERS
+    assert counters["qjl"]["static_prefill_causal"] == (LAYERS if n == 3 * LAYERS else 0)
     for gm, _ in obs.gms:  # no K/V repeat left anywhere: nothing 5-D (repeat_kv's (B, Hkv, G, L, D) expand)
         assert not [n for n in gm.graph.nodes if len(shape(n) or ()) == 5]
-    for gm, sites in obs.gms[1:]:
-        t = _targets(gm)
-        assert t.count(grouped_sdpa.grouped_sdpa_gqa) == LAYERS and not any(is_sdpa(n) for n in gm.graph.nodes)
-        assert all(s.became.startswith("grouped SDPA, gqa") for s in sites.values())
+    (chunk_gm, chunk_sites), (decode_gm, decode_sites) = obs.gms[1:]
+    assert _targets(chunk_gm).count(PREFILL_OP) == LAYERS and not any(is_sdpa(n) for n in chunk_gm.graph.nodes)
+    assert all(s.became.startswith("grouped SDPA, prefill") for s in chunk_sites.values())
+    assert _targets(decode_gm).count(grouped_sdpa.grouped_sdpa_gqa) == LAYERS
+    assert not any(is_sdpa(n) for n in decode_gm.graph.nodes)
+    assert all(s.became.startswith("grouped SDPA, gqa") for s in decode_sites.values())
 
 
 def test_rows_form_and_unfused_prefill(monkeypatch):
