@@ -493,14 +493,73 @@ def dequantize_nosync(state, consts, k_new, v_new, meta, block=None):
     return K, V
 
 
+# ---------------------------------------------------------------------------------------------
+# prefill into an empty cache (issue 16, time to first token)
+# query tokens from which `attend_prefill` checks for an empty cache (a host read of the length):
+# below it (decode, short speculative chunks) nothing is read and the call takes the general path
+PREFILL_MIN_TQ = 16
+
+
+def attend_prefill(q, state, k_new, v_new, attn_mask, is_causal, scale):
+    """Causal SDPA over just this step's tokens when the cache held nothing before them, else None.
+
+    A prefill chunk that lands in an empty cache attends only to itself, exactly (`_exact`: no
+    compressed rows are read, cL = 0), so the result of `attend` / `attend_nosync` equals
+    ``sdpa(q, k_new, v_new, is_causal=True, enable_gqa=True)`` over the chunk's T tokens: no
+    dequantization of the static length L, no (Tq, L) mask, flash-eligible, K/V never repeated.
+    Codec-independent (every codec reads the new tokens exact), so the one shortcut serves all.
+
+    Taken only when every condition holds (else None, and the caller runs its general path):
+
+    * Tq == T >= PREFILL_MIN_TQ (decode never pays the host read below);
+    * not inside CUDA-graph capture (the check reads the length on the host; warned once);
+    * the stored length equals T (one host sync: the cache was empty before this append);
+    * no mask (then ``is_causal`` is used as given: causal, or every row sees all T tokens), or a
+      bool mask that is exactly "key j visible to row i iff j <= i" in every batch row (HF's static
+      mask of an unpadded prefill from position 0; checked once per mask tensor, shared by all
+      layers, see passes/causal_prefill.py). Padding, a float mask, any other mask -> None.
+
+    ``QJL_GROUPED_PREFILL=off`` turns it off (with the StaticCache rewrite), for A/B runs.
+    Counts ``qjl/attend_prefill_causal`` per call taken.
+    """
+    from qjl_compile.passes import causal_prefill as cp
+
+    Tq, T = q.shape[2], k_new.shape[2]
+    if Tq != T or Tq < PREFILL_MIN_TQ or cp.setting() == "off":
+        return None
+    if cp._capturing(q):
+        from qjl_compile.diagnostics import warn_once
+        warn_once("attend_prefill:capture", (
+            "qjl::attend: a prefill chunk over a QJLCache runs inside CUDA-graph capture, where the empty-cache "
+            "check (a host sync) is not allowed: it attends over the whole static length (correct, slower). "
+            "Fix: run the prefill without CUDA graphs (it is one call per prompt)."))
+        return None
+    if int(state[0]) != T:                                             # a later chunk: the general path
+        return None
+    if attn_mask is not None:
+        if not cp._causal_memo(attn_mask, Tq):
+            return None
+        is_causal = True
+    H = state[1].shape[1]
+    cp._bump("attend_prefill_causal")
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k_new.to(q.dtype), v_new.to(q.dtype), is_causal=bool(is_causal), scale=scale,
+        enable_gqa=q.shape[1] != H)
+
+
 def attend_nosync(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, meta):
     """`attend` without reading the length on the host: SDPA over `dequantize_nosync`.
 
     Same result as `attend` (by the dequantized-key identity); capturable in a CUDA graph. The
     accelerator path for long query chunks (chunked prefill) and for codecs with no fused kernel.
     One SDPA per query head of a GQA group against the (B, H, L, D) K/V, so K/V are never
-    repeated G times.
+    repeated G times. A chunk of at least PREFILL_MIN_TQ tokens into an empty cache takes
+    `attend_prefill` (causal SDPA over the chunk only; one host read of the length, never under
+    CUDA-graph capture); decode-sized calls never read the length.
     """
+    out = attend_prefill(q, state, k_new, v_new, attn_mask, is_causal, scale)
+    if out is not None:
+        return out
     B, Hq, Tq, D = q.shape
     K, V = dequantize_nosync(state, consts, k_new, v_new, meta)
     H, L = K.shape[1], K.shape[2]
