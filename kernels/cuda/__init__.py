@@ -69,9 +69,10 @@ def compile_source(name: str, defines: dict, arch: str = "sm_90") -> bytes:
     """
     from cuda.bindings import nvrtc
     src = (HERE / f"{name}.cu").read_bytes()
+    hdrs = _headers()
     opts = [f"--gpu-architecture={arch}", "-std=c++17", "-default-device", "--extra-device-vectorization"]
     opts += [f"-D{k}={int(v)}" for k, v in sorted(defines.items())]
-    res = nvrtc.nvrtcCreateProgram(src, f"{name}.cu".encode(), 0, [], [])
+    res = nvrtc.nvrtcCreateProgram(src, f"{name}.cu".encode(), len(hdrs), [h[1] for h in hdrs], [h[0] for h in hdrs])
     prog = _check(res, "nvrtcCreateProgram")[0]
     try:
         err = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])[0]
@@ -89,8 +90,13 @@ def compile_source(name: str, defines: dict, arch: str = "sm_90") -> bytes:
         nvrtc.nvrtcDestroyProgram(prog)
 
 
+def _headers() -> list[tuple[bytes, bytes]]:
+    """(include name, text) of the shared headers (kernels/cuda/*.cuh), handed to NVRTC by name."""
+    return [(p.name.encode(), p.read_bytes()) for p in sorted(HERE.glob("*.cuh"))]
+
+
 def _cache_path(name: str, defines: dict, arch: str) -> pathlib.Path:
-    src = (HERE / f"{name}.cu").read_bytes()
+    src = (HERE / f"{name}.cu").read_bytes() + b"".join(n + t for n, t in _headers())
     key = hashlib.sha256(src + repr((sorted(defines.items()), arch, nvrtc_version())).encode()).hexdigest()[:24]
     root = pathlib.Path(os.environ.get("QJL_CUDA_CACHE", pathlib.Path.home() / ".cache" / "qjl_compile" / "cuda"))
     return root / f"{name}-{arch}-{key}.cubin"

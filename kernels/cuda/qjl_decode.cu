@@ -24,12 +24,7 @@
 // One CTA per (batch*kv head, split); each warp walks its own 32-token groups with its own online
 // softmax and writes a partial (o, lse); split index nsplit handles the exact tokens (ring + new).
 
-typedef unsigned int u32;
-typedef unsigned long long u64;
-typedef unsigned short u16;
-typedef unsigned char u8;
-typedef long long i64;
-#define INFINITY __int_as_float(0x7f800000)
+#include "decode_common.cuh"
 
 #ifndef NW
 #define NW 4
@@ -43,48 +38,6 @@ typedef long long i64;
 #define NT (D / 16)             // value M-tiles
 #define EPL (D / 32)            // channels per lane in the exact part
 
-__device__ __forceinline__ float h2f(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
-__device__ __forceinline__ float b2f(u16 h) { return __uint_as_float(((u32)h) << 16); }
-#if QDT == 0
-__device__ __forceinline__ float q2f(u16 h) { return h2f(h); }
-__device__ __forceinline__ u16 f2q(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
-#else
-__device__ __forceinline__ float q2f(u16 h) { return b2f(h); }
-__device__ __forceinline__ u16 f2q(float f) { u16 h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
-#endif
-__device__ __forceinline__ u16 f2h(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
-__device__ __forceinline__ u32 pack2(float lo, float hi) {
-    u32 r; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r;
-}
-__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
-    u32 r; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c)); return r;
-}
-__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) {
-    u32 r; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(s)); return r;
-}
-__device__ __forceinline__ u32 movt(u32 x) {
-    u32 y; asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x)); return y;
-}
-__device__ __forceinline__ void mma_us(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ void mma_uu(int (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.u8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ void mma_h16(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ void mma_h8(float (&c)[4], u32 a0, u32 a1, u32 b0) {
-    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(b0));
-}
 
 struct Args {
     const u16* q; i64 sqb, sqh, sqt;
@@ -106,34 +59,6 @@ struct Args {
     int H, G, Tq, T, M, LC, chunk, nsplit, mask_kind, causal;
 };
 
-// MK (mask kind, compile time): 0 none (CAUSAL: query i sees positions <= n - Tq + i), 1 bool per
-// (row, pos), 2 additive fp32 per (row, pos), 3 bool per pos, 4 additive fp32 per pos (HF's decode
-// mask (B, 1, 1, L)). Scores are in log2 units; -inf where row r must not see position pos.
-#define LOG2E_F 1.4426950408889634f
-__device__ __forceinline__ float masked(const Args& a, float s, int b, int h, int r, int pos, int lim, int n) {
-    if (pos >= lim || r >= a.M) return -INFINITY;
-    const int qh = h * a.G + r / a.Tq, tq = r % a.Tq;
-    if constexpr (MK == 0) { if (CAUSAL && pos > n - a.Tq + tq) return -INFINITY; return s; }
-    else if constexpr (MK == 1) return ((const u8*)a.mask)[b * a.smb + qh * a.smh + tq * a.smt + (i64)pos * a.sml] ? s : -INFINITY;
-    else if constexpr (MK == 2) return s + LOG2E_F * ((const float*)a.mask)[b * a.smb + qh * a.smh + tq * a.smt + (i64)pos * a.sml];
-    else if constexpr (MK == 3) return ((const u8*)a.mask)[b * a.smb + (i64)pos * a.sml] ? s : -INFINITY;
-    else return s + LOG2E_F * ((const float*)a.mask)[b * a.smb + (i64)pos * a.sml];
-}
-
-template <int N> struct VecT;
-template <> struct VecT<2> { typedef u32 T; };
-template <> struct VecT<4> { typedef uint2 T; };
-
-template <int W>
-__device__ __forceinline__ void load_words(u32 (&w)[W], const u8* p) {
-    if constexpr (W == 1) { w[0] = *(const u32*)p; }
-    else if constexpr (W == 2) { uint2 v = *(const uint2*)p; w[0] = v.x; w[1] = v.y; }
-    else {
-#pragma unroll
-        for (int i = 0; i < W; i += 4) { uint4 v = *(const uint4*)(p + 4 * i); w[i] = v.x; w[i + 1] = v.y; w[i + 2] = v.z; w[i + 3] = v.w; }
-    }
-}
-
 // one chunk c of 32 sketch rows for the 16 tokens of a tile: rows g (words wg) and g+8 (w8)
 #define AFRAG(wg, w8, c)                                                   \
     const u32 y0 = (wg)[(c) / 4] >> (2 * ((c) % 4)), y8 = (w8)[(c) / 4] >> (2 * ((c) % 4)); \
@@ -154,24 +79,6 @@ __device__ __forceinline__ void load_words(u32 (&w)[W], const u8* p) {
 #define ST_SCALE (ST_CODE + 32 * (D * VB / 8))
 #define ST_ZERO (ST_SCALE + 64 * (D / VG))
 #define ST_SIZE (ST_ZERO + 64 * (D / VG))
-
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-    u32 r; asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p)); return r;
-}
-__device__ __forceinline__ void cp16(void* s, const void* g) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(s)), "l"(g));
-}
-__device__ __forceinline__ void cp8(void* s, const void* g) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(smem_addr(s)), "l"(g));
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
-
-template <int BYTES>
-__device__ __forceinline__ void cp_block(u8* s, const u8* g, int lane) {
-#pragma unroll
-    for (int o = 16 * lane; o < BYTES; o += 512) cp16(s + o, g + o);
-}
 
 // copy the group whose first token row is `row` (b, h, position) into stage `st`
 __device__ __forceinline__ void stage_group(const Args& a, u8* st, i64 row, int lane) {
@@ -557,32 +464,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
                 }
             }
             // online softmax over the group's 32 tokens; rows 2t + j live on the 8 lanes of equal t
-            float pr[2][4], alj[2];
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                float mx = fmaxf(fmaxf(s[0][j], s[0][j + 2]), fmaxf(s[1][j], s[1][j + 2]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
-                const float mn = fmaxf(m_r[j], mx);
-                const float mu = mn == -INFINITY ? 0.f : mn;
-                const float al = exp2f(m_r[j] - mu);
-                m_r[j] = mn;
-                float sum = 0.f;
-#pragma unroll
-                for (int tt = 0; tt < 2; ++tt) {
-                    pr[tt][j] = exp2f(s[tt][j] - mu);
-                    pr[tt][j + 2] = exp2f(s[tt][j + 2] - mu);
-                    sum += pr[tt][j] + pr[tt][j + 2];
-                }
-                l_r[j] = l_r[j] * al + sum;
-                alj[j] = al;
-            }
-            // the running max rarely moves after the first groups: rescale only when it did (warp-uniform)
-            if (__any_sync(0xffffffffu, alj[0] != 1.f || alj[1] != 1.f)) {
-#pragma unroll
-                for (int i = 0; i < NT; ++i) { acc[i][0] *= alj[0]; acc[i][2] *= alj[0]; acc[i][1] *= alj[1]; acc[i][3] *= alj[1]; }
-            }
+            float pr[2][4];
+            softmax_step<NT>(s, m_r, l_r, pr, acc);
             // values: out^T (D x rows) += V^T (D x tokens) P^T (tokens x rows), per 16-token tile
 #pragma unroll
             for (int tt = 0; tt < 2; ++tt) {
@@ -627,46 +510,10 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
 #if STAGES
     __syncthreads();                                // wo aliases the stages
 #endif
-    // l over the 8 lanes of equal t; m is already uniform there
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-        l_r[j] += __shfl_xor_sync(0xffffffffu, l_r[j], 4);
-        l_r[j] += __shfl_xor_sync(0xffffffffu, l_r[j], 8);
-        l_r[j] += __shfl_xor_sync(0xffffffffu, l_r[j], 16);
-    }
-#pragma unroll
-    for (int i = 0; i < NT; ++i) {
-        const int ch = CPL * g + 2 * i;
-        wo[warp][2 * t][ch] = acc[i][0];
-        wo[warp][2 * t + 1][ch] = acc[i][1];
-        wo[warp][2 * t][ch + 1] = acc[i][2];
-        wo[warp][2 * t + 1][ch + 1] = acc[i][3];
-    }
-    if (g == 0) {
-        wm[warp][2 * t] = m_r[0]; wm[warp][2 * t + 1] = m_r[1];
-        wl[warp][2 * t] = l_r[0]; wl[warp][2 * t + 1] = l_r[1];
-    }
+    store_warp<NT, CPL, D, NW>(wo, wm, wl, warp, g, t, m_r, l_r, acc);
     }  // compressed split
     __syncthreads();
-    // merge the warps: one normalized partial and its log-sum-exp (base 2) per CTA
-    float* op = a.opart + ((i64)bh * nslot + sp) * 8 * D;
-    float* ls = a.lse + ((i64)bh * nslot + sp) * 8;
-    for (int i = threadIdx.x; i < 8 * D; i += NW * 32) {
-        const int r = i / D, d = i % D;
-        float mx = -INFINITY;
-#pragma unroll
-        for (int w = 0; w < NW; ++w) mx = fmaxf(mx, wm[w][r]);
-        const float mu = mx == -INFINITY ? 0.f : mx;
-        float l = 0.f, o = 0.f;
-#pragma unroll
-        for (int w = 0; w < NW; ++w) {
-            const float f = exp2f(wm[w][r] - mu);
-            l += wl[w][r] * f;
-            o += wo[w][r][d] * f;
-        }
-        op[r * D + d] = l > 0.f ? o / l : 0.f;
-        if (d == 0) ls[r] = l > 0.f ? mu + log2f(l) : -INFINITY;
-    }
+    merge_warps<D, NW>(a.opart + ((i64)bh * nslot + sp) * 8 * D, a.lse + ((i64)bh * nslot + sp) * 8, wo, wm, wl);
 }
 
 // S q per query row in the K order of the key fragments, as 16-bit fixed point split into an s8
@@ -727,102 +574,7 @@ extern "C" __global__ void __launch_bounds__(256) qjl_prep(
 #endif
 }
 
-// Per (b, kv head, query row): attention over the exact tokens [cl, n) (residual ring below n - T,
-// this step's tokens from n - T), merged with the nsplit partials of the compressed tokens.
-// Grid (B * H, M), D threads; out (B, Hq, Tq, D) in q's dtype. Latency-bound (a few CTAs): every
-// independent load is issued up front -- the first CH_E value rows by cp.async, the split partials
-// into registers -- so the exact-score, value and partial round trips overlap.
-#define EMAX 1024
-#define CH_E 136                // exact tokens staged at a time (a ring of 128 + 8 new tokens in one)
-#define PREG 32                 // split partials held in registers (more: read in a loop at the end)
-__device__ __forceinline__ void stage_values(const Args& a, u16 (*vs)[D], int j0, int cnt, int e0, int n_old,
-                                             int c1, int b, int h, int d) {
-    for (int i = d; i < cnt * (D / 8); i += D) {          // 16-byte pieces of cnt value rows
-        const int jj = i / (D / 8), cc = (i % (D / 8)) * 8, pos = e0 + j0 + jj;
-        const u16* vp = pos < n_old ? a.rv + b * a.srb + h * a.srh + (i64)(pos - c1) * a.srt
-                                    : a.vn + b * a.snb + h * a.snh + (i64)(pos - n_old) * a.snt;
-        cp16(&vs[jj][cc], vp + cc);
-    }
-    cp_commit();
-}
+// Per (b, kv head, query row): the exact tokens merged with the split partials (decode_common.cuh)
 extern "C" __global__ void __launch_bounds__(D) qjl_combine(const Args a, u16* out, i64 sob, i64 soh, i64 sot) {
-    const int bh = blockIdx.x, r = blockIdx.y, b = bh / a.H, h = bh % a.H, d = threadIdx.x;
-    const int n = (int)a.len[0];
-    const int c1 = n / RR * RR;
-    const int cl = min(c1, n - a.T);
-    const int e0 = max(cl, 0), ne = n - e0, n_old = n - a.T;
-    const int qh = h * a.G + r / a.Tq, tq = r % a.Tq;
-    __shared__ float qrow[D];
-    __shared__ float ps[EMAX];
-    __shared__ float wsp[EMAX];
-    __shared__ float red[D / 32];
-    __shared__ __align__(16) u16 vs[CH_E][D];
-    stage_values(a, vs, 0, min(CH_E, ne), e0, n_old, c1, b, h, d);
-    const float* op = a.opart + ((i64)bh * a.nsplit * 8 + r) * D + d;
-    float opr[PREG];
-#pragma unroll
-    for (int s = 0; s < PREG; ++s) opr[s] = s < a.nsplit ? op[(i64)s * 8 * D] : 0.f;
-    qrow[d] = q2f(a.q[b * a.sqb + qh * a.sqh + tq * a.sqt + d]);
-    const float* lp = a.lse + (i64)bh * a.nsplit * 8 + r;
-    float mx = -INFINITY;
-    for (int s = d; s < a.nsplit; s += D) { const float v = lp[s * 8]; wsp[s] = v; mx = fmaxf(mx, v); }
-    __syncthreads();                        // qrow
-    {   // exact scores, a warp per token (lanes over channels: coalesced rows), EPL channels per lane
-        const int w = d >> 5, ln = d & 31;
-        float qv[EPL];
-#pragma unroll
-        for (int e = 0; e < EPL; ++e) qv[e] = qrow[ln * EPL + e];
-#pragma unroll 4
-        for (int j = w; j < ne; j += D / 32) {
-            const int pos = e0 + j;
-            const u16* kp = (pos < n_old ? a.rk + b * a.srb + h * a.srh + (i64)(pos - c1) * a.srt
-                                         : a.kn + b * a.snb + h * a.snh + (i64)(pos - n_old) * a.snt) + ln * EPL;
-            u32 kw[EPL / 2];
-            if constexpr (EPL == 4) { const uint2 v = *(const uint2*)kp; kw[0] = v.x; kw[1] = v.y; }
-            else { kw[0] = *(const u32*)kp; }
-            float s = 0.f;
-#pragma unroll
-            for (int e = 0; e < EPL; ++e) s += qv[e] * q2f((u16)(kw[e / 2] >> (16 * (e & 1))));
-#pragma unroll
-            for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-            s = masked(a, s * a.qk_scale, b, h, r, pos, n, n);
-            if (ln == 0) ps[j] = s;
-            mx = fmaxf(mx, s);
-        }
-    }
-#pragma unroll
-    for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    if ((d & 31) == 0) red[d >> 5] = mx;
-    __syncthreads();
-    mx = red[0];
-#pragma unroll
-    for (int w = 1; w < D / 32; ++w) mx = fmaxf(mx, red[w]);
-    const float mu = mx == -INFINITY ? 0.f : mx;
-    for (int j = d; j < ne; j += D) ps[j] = exp2f(ps[j] - mu);
-    for (int s = d; s < a.nsplit; s += D) wsp[s] = exp2f(wsp[s] - mu);
-    float acc = 0.f, l = 0.f;
-    for (int j0 = 0; j0 < ne; j0 += CH_E) {
-        const int cnt = min(CH_E, ne - j0);
-        if (j0) { __syncthreads(); stage_values(a, vs, j0, cnt, e0, n_old, c1, b, h, d); }
-        cp_wait<0>();
-        __syncthreads();
-        for (int jj = 0; jj < cnt; ++jj) {
-            const float p = ps[j0 + jj];
-            l += p;
-            acc += p * q2f(vs[jj][d]);
-        }
-    }
-    __syncthreads();
-#pragma unroll
-    for (int s = 0; s < PREG; ++s) {
-        const float w = s < a.nsplit ? wsp[s] : 0.f;
-        l += w;
-        acc += w * opr[s];
-    }
-    for (int s = PREG; s < a.nsplit; ++s) {
-        const float w = wsp[s];
-        l += w;
-        acc += w * op[(i64)s * 8 * D];
-    }
-    out[b * sob + qh * soh + tq * sot + d] = f2q(l > 0.f ? acc / l : 0.f);
+    combine_body<Args, false>(a, out, sob, soh, sot, nullptr);
 }

@@ -49,7 +49,7 @@ KERNELS = {
 # which implementation served qjl::attend on CUDA (counted per call; tests and benchmarks read it)
 ROUTES: collections.Counter = collections.Counter()
 # codec id -> module of kernels/cuda with `unsupported(q, state, consts, meta)` and the launcher
-CPP_KERNELS = {0: ("qjl", "qjl_attend_cuda")}
+CPP_KERNELS = {0: ("qjl", "qjl_attend_cuda"), 2: ("rot", "rotation_attend_cuda")}
 _NOTED: set = set()
 
 

@@ -1,0 +1,246 @@
+"""Launcher of the CUDA C++ rotation-codec decode attention (kernels/cuda/rot_decode.cu).
+
+Three launches per call, sized from static shapes (CUDA-graph safe, no host sync): ``rot_prep``
+(Pi q per query row in fp16, scaled by a power of two), ``rot_split`` (one CTA per (batch * kv head,
+split), each warp its own partial softmax over the compressed tokens, values summed in the rotated
+basis) and ``rot_combine`` (the partials rotated back by Pi and merged with the exact tokens).
+
+Codes become fp16 MMA operands by register lookup, which needs symmetric codebooks (true of the
+Lloyd-Max codebooks of N(0, 1) the codec uses, checked per layer); see rot_decode.cu.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+
+import torch
+
+from .. import rotation as rot
+from ..checks import check_attend, mask_args
+from . import allow_dynamic_smem, available, launch, module
+from .qjl import Unsupported, split_plan
+
+KERNELS = ("rot_prep", "rot_split", "rot_combine")
+LOG2E = 1.4426950408889634
+STAGES = 3
+MIN_BLOCKS = 3
+KEY_BITS = (4,)
+VALUE_BITS = (4,)
+_DERIVED: dict = {}
+
+
+def lut_words(cb: torch.Tensor) -> list[int] | str:
+    """The 4 lookup words of a 16-entry codebook (lo bytes of magnitudes 0-3, 4-7, hi bytes 0-3, 4-7),
+    or why the kernel cannot use it (a codebook that is not symmetric in fp16)."""
+    c = cb.detach().float().cpu().to(torch.float16)
+    if c.numel() != 16:
+        return f"a {c.numel()}-entry codebook (the kernel decodes 16-entry, 4-bit ones)"
+    bits = c.view(torch.int16).to(torch.int32) & 0xFFFF
+    neg = (bits ^ 0x8000)
+    if not torch.equal(bits[:8], neg.flip(0)[:8]) or bool((c[8:] <= 0).any()):
+        return "a codebook that is not symmetric (cb[15 - c] == -cb[c] in fp16); the register lookup needs that"
+    mag = bits[8:].tolist()                              # magnitude index j = code - 8 (codes >= 8)
+    lo = [m & 0xFF for m in mag]
+    hi = [m >> 8 for m in mag]
+
+    def word(b4):
+        return b4[0] | (b4[1] << 8) | (b4[2] << 16) | (b4[3] << 24)
+    return [word(lo[:4]), word(lo[4:]), word(hi[:4]), word(hi[4:])]
+
+
+def derived(consts):
+    """(Pi fp32 contiguous, lut int32 (8,)) of a layer's consts, cached per Pi/codebook storage.
+    `prepare` fills it when a layer is allocated, outside any CUDA-graph capture."""
+    Pi, cbk, cbv = consts[0], consts[1], consts[2]
+    key = (Pi.data_ptr(), cbk.data_ptr(), cbv.data_ptr(), Pi.device)
+    hit = _DERIVED.get(key)
+    if hit is not None:
+        return hit[1]
+    wk, wv = lut_words(cbk), lut_words(cbv)
+    if isinstance(wk, str) or isinstance(wv, str):
+        val = (None, wk if isinstance(wk, str) else wv)
+    else:
+        words = [w - (1 << 32) if w >= 1 << 31 else w for w in wk + wv]
+        val = (Pi.detach().float().contiguous(), torch.tensor(words, dtype=torch.int32, device=Pi.device))
+    _DERIVED[key] = ((Pi, cbk, cbv), val)
+    return val
+
+
+def prepare(consts) -> None:
+    if len(consts) >= 3 and consts[0].dim() == 2:
+        derived(consts)
+
+
+class _Args(ctypes.Structure):
+    _fields_ = ([("q", ctypes.c_void_p)] + [(f"sq{c}", ctypes.c_int64) for c in "bht"]
+                + [("len", ctypes.c_void_p), ("rk", ctypes.c_void_p), ("rv", ctypes.c_void_p)]
+                + [(f"sr{c}", ctypes.c_int64) for c in "bht"]
+                + [("kn", ctypes.c_void_p), ("vn", ctypes.c_void_p)] + [(f"sn{c}", ctypes.c_int64) for c in "bht"]
+                + [(f, ctypes.c_void_p) for f in ("kidx", "kscale", "kmean", "vidx", "vscale", "qr", "qrs", "pi",
+                                                  "lut", "mask")]
+                + [(f"sm{c}", ctypes.c_int64) for c in "bhtl"]
+                + [("opart", ctypes.c_void_p), ("lse", ctypes.c_void_p), ("qk_scale", ctypes.c_float)]
+                + [(f, ctypes.c_int32) for f in ("H", "G", "Tq", "T", "M", "LC", "chunk", "nsplit", "nblk")])
+
+
+def unsupported(q, state, consts, meta) -> str:
+    """Why `rotation_attend_cuda` cannot take this call ("" if it can). Shapes/dtypes only."""
+    try:
+        kb, vb, ub, _, sink, center, block = rot.parse(list(meta[3:]))
+    except ValueError as e:
+        return str(e)
+    if ub:
+        return "unbiased keys (a QJL residual) are not implemented in the CUDA C++ kernel"
+    if kb not in KEY_BITS or vb not in VALUE_BITS:
+        return f"key_bits={kb}, value_bits={vb}: the CUDA C++ kernel decodes {KEY_BITS[0]}-bit keys and values"
+    if sink:
+        return f"{sink} exact sink tokens are not implemented in the CUDA C++ kernel"
+    if center & 2:
+        return "value centering is not implemented in the CUDA C++ kernel"
+    ok, why = available()
+    if not ok:
+        return why
+    if not q.is_cuda:
+        return "q is not on a CUDA device"
+    if torch.cuda.get_device_capability(q.device) < (8, 0):
+        return f"needs compute capability >= 8.0, got {torch.cuda.get_device_capability(q.device)}"
+    rk = state[1]
+    D, R = rk.shape[-1], int(meta[1])
+    G = q.shape[1] // rk.shape[1]
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.dtype != rk.dtype:
+        return f"q/cache dtype {q.dtype}/{rk.dtype}: the CUDA kernel takes fp16 or bf16, the same for both"
+    if state[4].dtype != torch.float16:
+        return f"side data in {state[4].dtype}: the CUDA kernel reads fp16 scales (QJLConfig side_dtype)"
+    if G * q.shape[2] > 8:
+        return f"{G * q.shape[2]} query rows per kv head (GQA group x query tokens) > 8"
+    if D not in (64, 128):
+        return f"head_dim {D} not in (64, 128)"
+    if center and (block % 32 or R % block):
+        return f"centering block {block} must be a multiple of 32 dividing R={R}"
+    if R + q.shape[2] > 1024:
+        return f"residual window {R} + {q.shape[2]} query tokens > 1024 exact tokens (the combine's score table)"
+    if len(consts) < 3 or consts[0].shape != (D, D):
+        return f"consts must be [Pi ({D}, {D}), codebook_k, codebook_v, S]"
+    why = derived(consts)[1]
+    return why if isinstance(why, str) else ""
+
+
+def stage_bytes(D, kb, vb) -> int:
+    """Shared memory of one 32-token group in the cp.async ring (ST_SIZE in rot_decode.cu)."""
+    return 32 * (D * kb // 8) + 64 + 32 * (D * vb // 8) + 64
+
+
+def dyn_smem(nw, stages, D, kb, vb, nblk) -> int:
+    """The stages of every warp plus the per-block q' . mu table (nblk x 8 fp32), which the CTA's
+    merge reuses for the warps' partial outputs (NW x 8 x D fp32) once the loop is done."""
+    return max(nw * stages * stage_bytes(D, kb, vb) + nblk * 32, nw * 8 * D * 4)
+
+
+def _config(B, H, LC):
+    """(warps per CTA, splits) from static shapes (CUDA-graph safe): the QJL kernel's rule (about 4
+    CTAs per SM of work, at most 32 splits, at least 128 tokens per split)."""
+    nw = 4
+    nsplit = max(1, min(32, -(-4 * 132 // (B * H)), LC // (32 * nw)))
+    return nw, nsplit
+
+
+def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, scale=None, meta=None,
+                         nsplit=None, num_warps=None, min_blocks=None, stages=None):
+    """Fused rotation-codec decode attention, CUDA C++ (semantics of kernels.reference.attend).
+
+    Parameters
+    ----------
+    q : Tensor
+        (B, Hq, Tq, D) fp16/bf16 on CUDA, Hq = G * H, G * Tq <= 8.
+    state, consts, meta
+        Rotation layer state (kernels/reference.py), [Pi (D, D), codebook_k, codebook_v, S] fp32,
+        [2, R, L, key_bits, value_bits, unbiased, scale_mode, sink, center, block].
+    k_new, v_new : Tensor
+        (B, H, T, D) this step's tokens, attended exactly.
+    attn_mask : Tensor, optional
+        Bool (True = attend) or additive float, broadcastable to (B, Hq, Tq, L).
+    is_causal : bool
+        Without a mask, query i sees positions <= length - Tq + i.
+    scale : float, optional
+        Score scale, default 1/sqrt(D).
+    nsplit, num_warps, min_blocks, stages : int, optional
+        Launch overrides (splits, warps per CTA, ``__launch_bounds__`` CTAs per SM, cp.async stages).
+
+    Returns
+    -------
+    Tensor
+        (B, Hq, Tq, D) in q's dtype, laid out like ``torch.empty_like(q)``.
+
+    Raises
+    ------
+    Unsupported
+        With the reason, when the call is outside what the kernel covers (`unsupported`).
+    """
+    why = unsupported(q, state, consts, meta)
+    if why:
+        raise Unsupported(why)
+    rk, rv = state[1], state[2]
+    B, H, R, D = rk.shape
+    L = int(meta[2])
+    LC = L // R * R
+    kb, vb, _, _, _, center, block = rot.parse(list(meta[3:]))
+    q, k_new, v_new, Tq, T, G = check_attend(q, state, k_new, v_new, B, H, D, "rotation_attend_cuda")
+    M = G * Tq
+    if R + T > 1024:
+        raise Unsupported(f"residual window {R} + {T} new tokens > 1024 exact tokens (the combine's score table)")
+    ck = center & 1
+    nb = 4 if ck else 3                                   # kidx, kscale, [kmean], vidx, vscale
+    bufs = state[3:3 + nb + 1]
+    kidx, kscale = bufs[0], bufs[1]
+    kmean = bufs[2] if ck else bufs[1]
+    vidx, vscale = bufs[nb - 1], bufs[nb]
+    for name, tns, shp in (("kidx", kidx, (B, H, LC, D * kb // 8)), ("kscale", kscale, (B, H, LC)),
+                           ("vidx", vidx, (B, H, LC, D * vb // 8)), ("vscale", vscale, (B, H, LC))):
+        if tuple(tns.shape) != shp or not tns.is_contiguous():
+            raise ValueError(f"rotation_attend_cuda: buffer {name} must be contiguous {shp}, got {tuple(tns.shape)}")
+    if ck and (tuple(kmean.shape) != (B, H, LC // block, D) or not kmean.is_contiguous()):
+        raise ValueError(f"rotation_attend_cuda: buffer kmean must be contiguous {(B, H, LC // block, D)}, "
+                         f"got {tuple(kmean.shape)}")
+    if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != torch.float32:
+        attn_mask = attn_mask.float()        # the kernel reads fp32 additive masks
+    kind, mt, ms = mask_args(attn_mask, q)
+    nw, ns = _config(B, H, LC)
+    nw = num_warps or nw
+    ns = nsplit or ns
+    chunk, ns = split_plan(LC, ns, nw)
+    if ns > 1024:
+        raise Unsupported(f"{ns} splits > 1024 (the combine's weight table); pass a smaller nsplit")
+    nblk = (chunk // block + 2) if ck else 0
+    causal = bool(is_causal) and attn_mask is None
+    nst = STAGES if stages is None else int(stages)
+    if nst < 2:
+        raise ValueError(f"stages={nst}: the rotation kernel streams through >= 2 cp.async stages")
+    defines = dict(D=D, KB=kb, VB=vb, RR=R, NW=nw, QDT=int(q.dtype == torch.bfloat16), MK=kind,
+                   CAUSAL=int(causal), CAUSAL_C=int(causal and T < Tq), CK=ck, BLK=block if ck else 128,
+                   MINB=int(min_blocks or MIN_BLOCKS), STAGES=nst)
+    dyn = dyn_smem(nw, nst, D, kb, vb, nblk)
+    fns = module("rot_decode", defines, KERNELS, q.device)
+    pi, lut = derived(consts)
+    BH = B * H
+    dev = q.device
+    qr = torch.empty(BH * 8 * D, dtype=torch.float16, device=dev)
+    qrs = torch.empty(BH * 8, dtype=torch.float32, device=dev)
+    opart = torch.empty(BH * ns * 8 * D, dtype=torch.float32, device=dev)
+    lse = torch.empty(BH * ns * 8, dtype=torch.float32, device=dev)
+    out = torch.empty_like(q)
+    stream = torch.cuda.current_stream(dev)
+    P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    launch(fns["rot_prep"], (BH, D // 32), (256,),
+           [P(q.data_ptr()), *(I64(s) for s in q.stride()[:3]), P(pi.data_ptr()),
+            P(qr.data_ptr()), P(qrs.data_ptr()), I32(H), I32(G), I32(Tq), I32(M)], stream)
+    sc = float(scale) if scale is not None else 1.0 / math.sqrt(D)
+    a = _Args(q.data_ptr(), *q.stride()[:3], state[0].data_ptr(), rk.data_ptr(), rv.data_ptr(), *rk.stride()[:3],
+              k_new.data_ptr(), v_new.data_ptr(), *k_new.stride()[:3],
+              kidx.data_ptr(), kscale.data_ptr(), kmean.data_ptr(), vidx.data_ptr(), vscale.data_ptr(),
+              qr.data_ptr(), qrs.data_ptr(), pi.data_ptr(), lut.data_ptr(), mt.data_ptr(), *ms,
+              opart.data_ptr(), lse.data_ptr(), sc * LOG2E,
+              H, G, Tq, T, M, LC, chunk, ns, nblk)
+    allow_dynamic_smem(fns["rot_split"], dyn)
+    launch(fns["rot_split"], (BH, ns), (nw * 32,), [a], stream, shared=dyn)
+    launch(fns["rot_combine"], (BH, M), (D,), [a, P(out.data_ptr()), *(I64(s) for s in out.stride()[:3])], stream)
+    return out

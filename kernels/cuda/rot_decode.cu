@@ -1,0 +1,347 @@
+// Decode attention over the rotation-codec cache (codec 2: rotation + Lloyd-Max codes, TurboQuant
+// style; kernels/rotation.py), CUDA C++ for sm_80+ (tuned on sm_90), on the shared decode skeleton
+// (decode_common.cuh: online softmax, warp merge, combine).
+//
+// Compiled by NVRTC with the shapes as macros: D head_dim (64, 128), KB key bits (4), VB value bits
+// (4), RR residual window, NW warps per CTA, QDT 0 fp16 / 1 bf16, MK mask kind, CAUSAL / CAUSAL_C as in
+// qjl_decode.cu, CK keys centered per BLK-token block (the rotated block mean, fp16, is added back as
+// q' . mu per block and query row). Side data (scales, means) fp16.
+//
+// The math (kernels/rotation.py): score_j = a_j <Pi q, cb_k[idx_j]> (+ <Pi q, mu_b>), values are summed
+// in the rotated basis, o' = sum_j p_j b_j cb_v[idx_j], and rotated back once in the combine, o = Pi^T o'.
+// Both products run on fp16 m16n8k16 tensor-core MMAs, fed in registers:
+//   * codes -> fp16 operands by register lookup: the Lloyd-Max codebooks of N(0, 1) are symmetric,
+//     cb[15 - c] = -cb[c], so code c is a sign (bit 3) and a 3-bit magnitude index; the 8 magnitudes'
+//     low and high bytes are 4 registers, and PRMT looks up 4 codes at a time (byte selector = index).
+//     18 integer ops per 8 codes (lut8 below), no shared-memory round trip, no conversion.
+//   * keys: tokens on M, channels on K. The K order inside an MMA is free (it only has to agree
+//     between A and B), so thread t takes the channels [D/4 t, D/4 (t + 1)) of its two tokens: one
+//     16-byte load per token, and the B operand (Pi q, fp16, in shared memory) in natural order.
+//   * values: out'^T (D x rows) += V'^T P^T as in the QJL kernel; the per-token scale b_j goes into P
+//     (4 FMULs per tile) instead of into every element.
+// One CTA per (batch * kv head, split), each warp its own 32-token groups through a cp.async ring.
+
+#include "decode_common.cuh"
+
+#ifndef NW
+#define NW 4
+#endif
+#ifndef STAGES
+#define STAGES 3
+#endif
+#ifndef MINB
+#define MINB 3
+#endif
+#ifndef CK
+#define CK 0
+#endif
+#ifndef BLK
+#define BLK 128
+#endif
+#define CPT (D / 4)             // key channels per thread (t) and token
+#define KW (CPT * KB / 32)      // 32-bit key words per thread and token
+#define NK (D / 16)             // key k-steps
+#define CPL (D / 8)             // value channels per lane group (g)
+#define CB (CPL * VB / 8)       // value code bytes per lane group and token
+#define NT (D / 16)             // value M-tiles
+
+struct Args {
+    const u16* q; i64 sqb, sqh, sqt;
+    const i64* len;
+    const u16* rk; const u16* rv; i64 srb, srh, srt;
+    const u16* kn; const u16* vn; i64 snb, snh, snt;
+    const u8* kidx; const u16* kscale; const u16* kmean; const u8* vidx; const u16* vscale;
+    const u16* qr;          // (BH, 8, D) Pi q / 2^e per row, fp16 (rot_prep)
+    const float* qrs;       // (BH, 8) 2^e per row
+    const float* pi;        // (D, D) fp32: the combine rotates the partials back
+    const u32* lut;         // 8 words: key magnitudes (lo bytes 0-3, 4-7, hi bytes 0-3, 4-7), then values'
+    const void* mask; i64 smb, smh, smt, sml;
+    float* opart; float* lse;
+    float qk_scale;
+    int H, G, Tq, T, M, LC, chunk, nsplit, nblk;
+};
+
+// 8 codes (nibbles of x, code c: sign bit 3, magnitude index c ^ 7 below 8, c & 7 from 8) -> 4 fp16x2.
+// S0/S1 pick the pairs: keys (0x5140, 0x7362) give (c0, c1), (c2, c3), ...; values, whose words hold two
+// tokens' codes interleaved byte by byte, (0x6240, 0x7351) give (tokA c, tokB c) pairs.
+template <u32 S0, u32 S1>
+__device__ __forceinline__ void lut8(u32 x, const u32 (&tb)[4], u32 (&h)[4]) {
+    const u32 ng = ~x & 0x88888888u;                 // bit 3 of a nibble: the code is negative
+    const u32 m = (x ^ (ng - (ng >> 3))) & 0x77777777u;
+    const u32 mh = m >> 16;
+    const u32 la = prmt(tb[0], tb[1], m), lb = prmt(tb[0], tb[1], mh);
+    u32 ha = prmt(tb[2], tb[3], m), hb = prmt(tb[2], tb[3], mh);
+    const u32 ng4 = ng << 4;                          // sign of nibble 2i at bit 7 of byte i
+    ha ^= prmt(ng4, ng, 0x5140) & 0x80808080u;        // byte i <- sign of code i (i = 0..3)
+    hb ^= prmt(ng4, ng, 0x7362) & 0x80808080u;        // codes 4..7
+    h[0] = prmt(la, ha, S0); h[1] = prmt(la, ha, S1);
+    h[2] = prmt(lb, hb, S0); h[3] = prmt(lb, hb, S1);
+}
+
+// one 32-token group in shared memory (bytes): key codes, key scales, value codes, value scales
+#define ST_K 0
+#define ST_KS (ST_K + 32 * (D * KB / 8))
+#define ST_V (ST_KS + 64)
+#define ST_VS (ST_V + 32 * (D * VB / 8))
+#define ST_SIZE (ST_VS + 64)
+
+__device__ __forceinline__ void stage_group(const Args& a, u8* st, i64 row, int lane) {
+    cp_block<32 * (D * KB / 8)>(st + ST_K, a.kidx + row * (D * KB / 8), lane);
+    cp_block<64>(st + ST_KS, (const u8*)(a.kscale + row), lane);
+    cp_block<32 * (D * VB / 8)>(st + ST_V, a.vidx + row * (D * VB / 8), lane);
+    cp_block<64>(st + ST_VS, (const u8*)(a.vscale + row), lane);
+}
+
+extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args a) {
+    const int bh = blockIdx.x, sp = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int b = bh / a.H, h = bh % a.H;
+    const int n = (int)a.len[0];
+    const int c1 = n / RR * RR;
+    const int cl = min(c1, n - a.T);
+    const int lo = sp * a.chunk;
+    const int hi = min(lo + a.chunk, cl);
+
+    extern __shared__ __align__(16) u8 dsm[];       // launcher: max(NW * STAGES * ST_SIZE + nblk * 32, NW * 8 * D * 4)
+    __shared__ __align__(16) u16 qs[8][D];          // Pi q / 2^e, rows >= M are zero (prep)
+    for (int i = threadIdx.x; i < 8 * D / 8; i += NW * 32)
+        ((uint4*)&qs[0][0])[i] = ((const uint4*)(a.qr + (i64)bh * 8 * D))[i];
+#if CK
+    // q' . mu_b per block of this split and query row (mu_b: the block's rotated mean key)
+    float* qmu = (float*)(dsm + NW * STAGES * ST_SIZE);
+    const int blo = lo / BLK;
+#endif
+    __syncthreads();
+#if CK
+    if (lo < hi) {
+        const int nb = (hi - 1) / BLK - blo + 1;
+        for (int bi = warp; bi < nb; bi += NW) {
+            const u16* mu = a.kmean + ((i64)bh * (a.LC / BLK) + blo + bi) * D;
+            float mv[D / 32];
+#pragma unroll
+            for (int e = 0; e < D / 32; ++e) mv[e] = h2f(mu[lane * (D / 32) + e]);
+#pragma unroll
+            for (int r = 0; r < 8; ++r) {
+                float sdot = 0.f;
+#pragma unroll
+                for (int e = 0; e < D / 32; ++e) sdot += mv[e] * h2f(qs[r][lane * (D / 32) + e]);
+#pragma unroll
+                for (int o = 16; o; o >>= 1) sdot += __shfl_xor_sync(0xffffffffu, sdot, o);
+                if (lane == 0) qmu[bi * 8 + r] = sdot;
+            }
+        }
+    }
+    __syncthreads();
+#endif
+
+    __shared__ float wm[NW][8], wl[NW][8];
+    float (*wo)[8][D] = (float (*)[8][D])dsm;       // the stages are free by then (launcher sizes dsm for both)
+    {
+    float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
+    float acc[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+
+    if (lo + warp * 32 < hi) {
+        // B operand of the key MMAs for the whole split: row g, channels CPT t + 4 ks + (0, 1) / (2, 3)
+        u32 bq[NK][2];
+#pragma unroll
+        for (int ks = 0; ks < NK; ++ks) {
+            const uint2 v = *(const uint2*)&qs[g][CPT * t + 4 * ks];
+            bq[ks][0] = v.x; bq[ks][1] = v.y;
+        }
+        u32 tk[4], tv[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) { tk[i] = a.lut[i]; tv[i] = a.lut[4 + i]; }
+        const float rs0 = a.qrs[bh * 8 + 2 * t] * a.qk_scale, rs1 = a.qrs[bh * 8 + 2 * t + 1] * a.qk_scale;
+        const i64 tb = (i64)bh * a.LC;
+#if MK == 1 || MK == 2
+        i64 mrow[2];
+#endif
+#if CAUSAL_C
+        int qpos[2];
+#endif
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int r = min(2 * t + j, a.M - 1);
+#if MK == 1 || MK == 2
+            mrow[j] = b * a.smb + (h * a.G + r / a.Tq) * a.smh + (r % a.Tq) * a.smt;
+#endif
+#if CAUSAL_C
+            qpos[j] = n - a.Tq + r % a.Tq;
+#endif
+        }
+        u8* wst = dsm + warp * (STAGES * ST_SIZE);
+        const int g_first = lo + warp * 32;
+#pragma unroll
+        for (int s_ = 0; s_ < STAGES - 1; ++s_) {
+            const int gg = g_first + s_ * NW * 32;
+            if (gg < hi) stage_group(a, wst + s_ * ST_SIZE, tb + gg, lane);
+            cp_commit();
+        }
+        int it = 0;
+        for (int g0 = lo + warp * 32; g0 < hi; g0 += NW * 32) {
+            const bool tail = g0 + 32 > hi;
+            const u8* gst = wst + (it % STAGES) * ST_SIZE;
+            {
+                const int gg = g0 + (STAGES - 1) * NW * 32;
+                if (gg < hi) stage_group(a, wst + ((it + STAGES - 1) % STAGES) * ST_SIZE, tb + gg, lane);
+                cp_commit();
+                cp_wait<STAGES - 1>();
+                __syncwarp();
+            }
+            ++it;
+            const u8* G_K = gst + ST_K;
+            const u16* G_KS = (const u16*)(gst + ST_KS);
+            const u8* G_V = gst + ST_V;
+            const u16* G_VS = (const u16*)(gst + ST_VS);
+            // value codes first (their latency overlaps the scoring): tokens 2t, 2t+1, 2t+8, 2t+9 of
+            // each tile, lane group g's CB bytes
+            u32 cwt[2][4][CB / 4];
+#pragma unroll
+            for (int tt = 0; tt < 2; ++tt)
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const u8* cp = G_V + (16 * tt + 2 * t + (k & 1) + 8 * (k >> 1)) * (D * VB / 8) + CB * g;
+                    if constexpr (CB == 4) cwt[tt][k][0] = *(const u32*)cp;
+                    else { const uint2 v = *(const uint2*)cp; cwt[tt][k][0] = v.x; cwt[tt][k][1] = v.y; }
+                }
+            float s[2][4];
+#pragma unroll
+            for (int tt = 0; tt < 2; ++tt) {
+                u32 kg[KW], k8[KW];
+                load_words<KW>(kg, G_K + (16 * tt + g) * (D * KB / 8) + 4 * KW * t);
+                load_words<KW>(k8, G_K + (16 * tt + g + 8) * (D * KB / 8) + 4 * KW * t);
+                float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                for (int w = 0; w < KW; ++w) {
+                    u32 x0[4], x8[4];
+                    lut8<0x5140, 0x7362>(kg[w], tk, x0);
+                    lut8<0x5140, 0x7362>(k8[w], tk, x8);
+                    mma_h16(c, x0[0], x8[0], x0[1], x8[1], bq[2 * w][0], bq[2 * w][1]);
+                    mma_h16(c, x0[2], x8[2], x0[3], x8[3], bq[2 * w + 1][0], bq[2 * w + 1][1]);
+                }
+                const int p = g0 + 16 * tt;
+                const float a0 = h2f(G_KS[16 * tt + g]), a8 = h2f(G_KS[16 * tt + g + 8]);
+#if CK
+                const float mu0 = qmu[(g0 / BLK - blo) * 8 + 2 * t] * rs0, mu1 = qmu[(g0 / BLK - blo) * 8 + 2 * t + 1] * rs1;
+#else
+                const float mu0 = 0.f, mu1 = 0.f;
+#endif
+                s[tt][0] = c[0] * a0 * rs0 + mu0;
+                s[tt][1] = c[1] * a0 * rs1 + mu1;
+                s[tt][2] = c[2] * a8 * rs0 + mu0;
+                s[tt][3] = c[3] * a8 * rs1 + mu1;
+#if MK == 3 || MK == 4
+#pragma unroll
+                for (int e2 = 0; e2 < 2; ++e2) {
+                    const i64 mo_ = b * a.smb + (i64)(p + g + 8 * e2) * a.sml;
+#if MK == 3
+                    if (!((const u8*)a.mask)[mo_]) s[tt][2 * e2] = s[tt][2 * e2 + 1] = -INFINITY;
+#else
+                    const float mv = LOG2E_F * ((const float*)a.mask)[mo_];
+                    s[tt][2 * e2] += mv; s[tt][2 * e2 + 1] += mv;
+#endif
+                }
+#elif MK == 1 || MK == 2
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const i64 mo_ = mrow[e & 1] + (i64)(p + g + 8 * (e >> 1)) * a.sml;
+#if MK == 1
+                    if (!((const u8*)a.mask)[mo_]) s[tt][e] = -INFINITY;
+#else
+                    s[tt][e] += LOG2E_F * ((const float*)a.mask)[mo_];
+#endif
+                }
+#endif
+#if CAUSAL_C
+#pragma unroll
+                for (int e = 0; e < 4; ++e) if (p + g + 8 * (e >> 1) > qpos[e & 1]) s[tt][e] = -INFINITY;
+#endif
+                if (tail) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) if (p + g + 8 * (e >> 1) >= hi) s[tt][e] = -INFINITY;
+                }
+            }
+            float pr[2][4];
+            softmax_step<NT>(s, m_r, l_r, pr, acc);
+            // values: out'^T += V'^T (b P)^T per 16-token tile; b_j (the value scale) folded into P
+#pragma unroll
+            for (int tt = 0; tt < 2; ++tt) {
+                const float b0s = h2f(G_VS[16 * tt + g]), b8s = h2f(G_VS[16 * tt + g + 8]);
+                const u32 b0 = movt(pack2(pr[tt][0] * b0s, pr[tt][1] * b0s));   // tokens 2t, 2t+1 of row g
+                const u32 b1 = movt(pack2(pr[tt][2] * b8s, pr[tt][3] * b8s));   // tokens 2t+8, 2t+9
+                u32 af[NT][4];
+#pragma unroll
+                for (int k = 0; k < 2; ++k) {           // token pair (2t, 2t+1) + 8k
+#pragma unroll
+                    for (int w = 0; w < CB / 4; ++w) {
+#pragma unroll
+                        for (int hf = 0; hf < 2; ++hf) {  // bytes 2hf, 2hf+1 of both tokens: channels 8w + 4hf + 0..3
+                            const u32 x = prmt(cwt[tt][2 * k][w], cwt[tt][2 * k + 1][w], hf ? 0x7362 : 0x5140);
+                            u32 v4[4];
+                            lut8<0x6240, 0x7351>(x, tv, v4);
+#pragma unroll
+                            for (int j = 0; j < 4; ++j) {
+                                const int u = 8 * w + 4 * hf + j;     // channel CPL g + u
+                                af[u / 2][(u & 1) + 2 * k] = v4[j];
+                            }
+                        }
+                    }
+                }
+#pragma unroll
+                for (int i = 0; i < NT; ++i) mma_h16(acc[i], af[i][0], af[i][1], af[i][2], af[i][3], b0, b1);
+            }
+            __syncwarp();                               // this stage is refilled STAGES - 1 groups later
+        }
+        cp_wait<0>();
+    }
+    __syncthreads();                                // wo aliases the stages
+    store_warp<NT, CPL, D, NW>(wo, wm, wl, warp, g, t, m_r, l_r, acc);
+    }
+    __syncthreads();
+    merge_warps<D, NW>(a.opart + ((i64)bh * a.nsplit + sp) * 8 * D, a.lse + ((i64)bh * a.nsplit + sp) * 8, wo, wm, wl);
+}
+
+// Pi q per query row, divided by a power of two 2^e (e from |q|) so that fp16 holds it at full
+// precision for any q, written (BH, 8, D) fp16 with 2^e in qrs. Grid (B * H, D / 32), 256 threads:
+// warp r = row r, lane = output channel 32 c + lane; Pi's 32 rows of the chunk through shared memory.
+extern "C" __global__ void __launch_bounds__(256) rot_prep(
+        const u16* q, i64 sqb, i64 sqh, i64 sqt, const float* pi, u16* qr, float* qrs, int H, int G, int Tq, int M) {
+    const int bh = blockIdx.x, c = blockIdx.y, b = bh / H, h = bh % H;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __shared__ float qv[8][D];
+    __shared__ float prow[32][D + 1];
+    for (int i = threadIdx.x; i < 8 * D; i += 256) {
+        const int r = i / D, d = i % D;
+        qv[r][d] = r < M ? q2f(q[b * sqb + (h * G + r / Tq) * sqh + (r % Tq) * sqt + d]) : 0.f;
+    }
+    for (int i = threadIdx.x; i < 32 * (D / 4); i += 256) {
+        const int kk = i / (D / 4), d4 = (i % (D / 4)) * 4;
+        const float4 v = *(const float4*)(pi + (i64)(c * 32 + kk) * D + d4);
+        prow[kk][d4] = v.x; prow[kk][d4 + 1] = v.y; prow[kk][d4 + 2] = v.z; prow[kk][d4 + 3] = v.w;
+    }
+    __syncthreads();
+    float ss = 0.f;
+    for (int d = lane; d < D; d += 32) ss += qv[warp][d] * qv[warp][d];
+#pragma unroll
+    for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    // |(Pi q)_e| <= |q|: scaled so the largest possible entry is below 2^14 (fp16 max 65504)
+    const float sc = ss > 0.f ? exp2f(ceilf(0.5f * log2f(ss)) - 13.f) : 1.f;
+    float acc4[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int d = 0; d < D; d += 4) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc4[e] += prow[lane][d + e] * qv[warp][d + e];
+    }
+    const float acc = (acc4[0] + acc4[1]) + (acc4[2] + acc4[3]);
+    qr[((i64)bh * 8 + warp) * D + c * 32 + lane] = f2h(acc / sc);
+    if (c == 0 && lane == 0) qrs[bh * 8 + warp] = sc;
+}
+
+// Per (b, kv head, query row): the exact tokens (ring + new) merged with the split partials, which
+// are rotated back by Pi first (decode_common.cuh). Grid (B * H, M), D threads.
+extern "C" __global__ void __launch_bounds__(D) rot_combine(const Args a, u16* out, i64 sob, i64 soh, i64 sot) {
+    combine_body<Args, true>(a, out, sob, soh, sot, a.pi);
+}

@@ -1,0 +1,292 @@
+"""CUDA C++ rotation-codec decode attention (kernels/cuda/rot_decode.cu): the register lookup and
+fragment layout emulated on CPU, sm_90 compiles without a GPU, and the kernel against
+kernels/reference.py on a GPU."""
+import re
+import subprocess
+
+import pytest
+import torch
+
+from qjl_compile.kernels import reference as ref
+from qjl_compile.kernels import rotation as rot
+from qjl_compile.kernels.cuda import available
+from qjl_compile.kernels.cuda import rot as cr
+from qjl_compile.kernels.cuda.qjl import Unsupported
+
+from kernel_env import CUDA, INTERP, capture_decode, gpu
+
+nvrtc_ok = pytest.mark.skipif(not available()[0], reason=available()[1] or "NVRTC available")
+needs_gpu = pytest.mark.skipif(not CUDA or INTERP or not available()[0], reason="needs CUDA and cuda-bindings")
+M32 = 0xFFFFFFFF
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: the lookup (lut8) and the fragment layouts, emulated instruction by instruction
+# ---------------------------------------------------------------------------------------------
+def prmt(a, b, s):
+    """PTX prmt.b32 (default mode): byte i of the result is byte s[4i+2:4i] of {b, a}, or its
+    sign replicated when s[4i+3] is set."""
+    src = ((b & M32) << 32) | (a & M32)
+    out = 0
+    for i in range(4):
+        sel = (s >> (4 * i)) & 0xF
+        byte = (src >> (8 * (sel & 7))) & 0xFF
+        if sel & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * i)
+    return out
+
+
+def lut8(x, tb, s0, s1):
+    """rot_decode.cu lut8, op for op."""
+    ng = ~x & 0x88888888
+    m = (x ^ ((ng - (ng >> 3)) & M32)) & 0x77777777
+    mh = m >> 16
+    la, lb = prmt(tb[0], tb[1], m), prmt(tb[0], tb[1], mh)
+    ha, hb = prmt(tb[2], tb[3], m), prmt(tb[2], tb[3], mh)
+    ng4 = (ng << 4) & M32
+    ha ^= prmt(ng4, ng, 0x5140) & 0x80808080
+    hb ^= prmt(ng4, ng, 0x7362) & 0x80808080
+    return [prmt(la, ha, s0), prmt(la, ha, s1), prmt(lb, hb, s0), prmt(lb, hb, s1)]
+
+
+def halves(w):
+    return [torch.tensor([w & 0xFFFF], dtype=torch.int32).to(torch.int16).view(torch.float16).item(),
+            torch.tensor([w >> 16], dtype=torch.int32).to(torch.int16).view(torch.float16).item()]
+
+
+@pytest.mark.parametrize("bits", [4])
+def test_lookup_decodes_every_code(bits):
+    cb = rot.codebook(bits)
+    tb = cr.lut_words(cb)
+    assert not isinstance(tb, str), tb
+    cb16 = cb.to(torch.float16).tolist()
+    gen = torch.Generator().manual_seed(bits)
+    words = [int(w) for w in torch.randint(0, 2 ** 32, (200,), generator=gen, dtype=torch.int64)]
+    words += [0x76543210, 0xFEDCBA98, 0, M32]
+    for x in words:
+        codes = [(x >> (4 * i)) & 15 for i in range(8)]
+        # keys: (c0, c1), (c2, c3), (c4, c5), (c6, c7) of one token
+        got = sum((halves(h) for h in lut8(x, tb, 0x5140, 0x7362)), [])
+        assert got == [cb16[c] for c in codes], hex(x)
+        # values: the word interleaves two tokens byte by byte -> (A c, B c) pairs
+        got = sum((halves(h) for h in lut8(x, tb, 0x6240, 0x7351)), [])
+        want = [cb16[codes[i]] for i in (0, 2, 1, 3, 4, 6, 5, 7)]
+        assert got == want, hex(x)
+
+
+def test_value_words_interleave_two_tokens():
+    gen = torch.Generator().manual_seed(3)
+    a, b = (int(w) for w in torch.randint(0, 2 ** 32, (2,), generator=gen, dtype=torch.int64))
+    x0, x1 = prmt(a, b, 0x5140), prmt(a, b, 0x7362)
+    nib = lambda w, i: (w >> (4 * i)) & 15  # noqa: E731
+    # x0: channels 0..3 of both tokens as (A c0, A c1, B c0, B c1, A c2, A c3, B c2, B c3)
+    assert [nib(x0, i) for i in range(8)] == [nib(a, 0), nib(a, 1), nib(b, 0), nib(b, 1),
+                                              nib(a, 2), nib(a, 3), nib(b, 2), nib(b, 3)]
+    assert [nib(x1, i) for i in range(8)] == [nib(a, 4), nib(a, 5), nib(b, 4), nib(b, 5),
+                                              nib(a, 6), nib(a, 7), nib(b, 6), nib(b, 7)]
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_key_fragments_cover_every_channel_once(D):
+    # A (token rows) and B (Pi q) agree on the K order: thread t, k-step ks, half -> channels
+    cpt, nk = D // 4, D // 16
+    seen = []
+    for t in range(4):
+        for ks in range(nk):
+            for sub in range(4):                  # a0/b0 hold +0, +1; a2/b1 hold +2, +3
+                seen.append(cpt * t + 4 * ks + sub)
+    assert sorted(seen) == list(range(D))
+    # word w of thread t holds channels cpt t + 8 w .. + 7, i.e. k-steps 2w (first 4) and 2w + 1
+    for t in range(4):
+        for w in range(cpt // 8):
+            assert [cpt * t + 4 * (2 * w) + s for s in range(4)] + [cpt * t + 4 * (2 * w + 1) + s for s in range(4)] \
+                == list(range(cpt * t + 8 * w, cpt * t + 8 * w + 8))
+
+
+def test_asymmetric_codebook_is_refused():
+    cb = rot.codebook(4).clone()
+    cb[0] -= 0.01
+    why = cr.lut_words(cb)
+    assert isinstance(why, str) and "symmetric" in why
+    assert "16-entry" in cr.lut_words(rot.codebook(3))
+
+
+def test_unsupported_reasons_on_cpu():
+    D, R, L = 128, 128, 1024
+    params = [4, 4, 0, 1, 0, 1, R]
+    consts = rot.make_consts(D, 4, 4, 0, 0, 0)
+    st = ref.make_state(ref.CODECS[2], 1, 2, L, D, R, consts, params, torch.bfloat16, torch.float16, "cpu")
+    q = torch.zeros(1, 8, 1, D, dtype=torch.bfloat16)
+    meta = [2, R, L, *params]
+    why = cr.unsupported(q, st, consts, meta)
+    assert why and (("CUDA" in why) or ("cuda-bindings" in why) or ("NVRTC" in why))
+    for bad, words in (([4, 3, 0, 1, 0, 1, R], "value_bits=3"), ([4, 4, 1, 1, 0, 1, R], "unbiased"),
+                       ([4, 4, 0, 1, 4, 1, R], "sink"), ([4, 4, 0, 1, 0, 3, R], "value centering")):
+        assert words in cr.unsupported(q, st, consts, [2, R, L, *bad])
+    with pytest.raises(Unsupported):
+        cr.rotation_attend_cuda(q, st, consts, q[:, :2], q[:, :2], None, True, None, meta)
+
+
+def _cuobjdump():
+    import os
+    triton = pytest.importorskip("triton")
+    p = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(p):
+        pytest.skip("no cuobjdump in the triton wheel")
+    return p
+
+
+CONFIGS = [dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=1, MK=4, CAUSAL=0, CAUSAL_C=0, CK=1, BLK=128, MINB=3, STAGES=3),
+           dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=0, MK=0, CAUSAL=1, CAUSAL_C=0, CK=0, BLK=128, MINB=3, STAGES=3),
+           dict(D=64, KB=4, VB=4, RR=64, NW=4, QDT=1, MK=1, CAUSAL=0, CAUSAL_C=0, CK=1, BLK=64, MINB=3, STAGES=2),
+           dict(D=64, KB=4, VB=4, RR=32, NW=4, QDT=0, MK=2, CAUSAL=0, CAUSAL_C=1, CK=1, BLK=32, MINB=3, STAGES=3),
+           dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=1, MK=3, CAUSAL=0, CAUSAL_C=0, CK=0, BLK=128, MINB=3, STAGES=3)]
+
+
+@nvrtc_ok
+@pytest.mark.parametrize("defines", CONFIGS, ids=lambda d: f"D{d['D']}mk{d['MK']}ck{d['CK']}q{d['QDT']}")
+def test_compiles_for_sm90(defines, tmp_path):
+    from qjl_compile.kernels.cuda import compile_source
+    path = tmp_path / "k.cubin"
+    path.write_bytes(compile_source("rot_decode", defines, "sm_90"))
+    res = subprocess.run([_cuobjdump(), "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
+    regs = dict(re.findall(r"Function (\w+):\s+REG:\d+ STACK:(\d+)", res))
+    assert set(regs) == set(cr.KERNELS), res
+    assert regs["rot_split"] == "0", f"rot_split spills at {defines}: {res}"
+    sass = subprocess.run([_cuobjdump(), "-sass", "-fun", "rot_split", str(path)], capture_output=True,
+                          text=True, check=True).stdout
+    assert "HMMA" in sass and "MOVM" in sass and "PRMT" in sass, "the MMA/lookup path is not in the machine code"
+
+
+@pytest.mark.parametrize("D,kb,vb", [(128, 4, 4), (64, 4, 4)])
+def test_stage_bytes_match_the_kernel_layout(D, kb, vb):
+    import os
+    src = os.path.join(os.path.dirname(cr.__file__), "rot_decode.cu")
+    vals, env = {}, dict(D=D, KB=kb, VB=vb)
+    for line in open(src):
+        m = re.match(r"#define (ST_\w+) (.+?)\s*(//.*)?$", line)
+        if m:
+            e = m.group(2)
+            for k, v in {**env, **vals}.items():
+                e = re.sub(rf"\b{k}\b", str(v), e)
+            vals[m.group(1)] = eval(e.replace("/", "//"))
+    assert vals["ST_SIZE"] == cr.stage_bytes(D, kb, vb)
+    assert all(v % 16 == 0 for v in vals.values()), vals
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: kernel vs reference
+# ---------------------------------------------------------------------------------------------
+def _state(B, H, L, D, R, center, n, dtype, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    params = [4, 4, 0, 1, 0, center, R]
+    consts = [c.cuda() for c in rot.make_consts(D, 4, 4, 0, seed, 0)]
+    meta = [2, R, L, *params]
+    st = ref.make_state(ref.CODECS[2], B, H, L, D, R, consts, params, dtype, torch.float16, "cuda")
+    scale = torch.linspace(0.3, 2.5, D, device="cuda")
+    bias = torch.randn(D, generator=gen, device="cuda")       # a shared mean direction (what centering removes)
+    done = 0
+    while done < n:
+        T = min(4096, n - done)
+        k = (torch.randn(B, H, T, D, generator=gen, device="cuda") * scale + bias).to(dtype)
+        v = torch.randn(B, H, T, D, generator=gen, device="cuda").to(dtype)
+        ref.append_(st, consts, k, v, meta)
+        done += T
+    return st, consts, meta, gen
+
+
+GRID = [  # B, H, G, Tq, D, R, center, n, L, dtype
+    (1, 2, 4, 1, 128, 128, 1, 1000, 1024, torch.bfloat16),
+    (3, 2, 1, 1, 128, 128, 0, 1313, 2048, torch.float16),
+    (2, 1, 8, 1, 64, 64, 1, 777, 800, torch.bfloat16),
+    (1, 3, 2, 2, 128, 128, 1, 3000, 4096, torch.float16),
+    (2, 2, 4, 2, 64, 32, 1, 129, 320, torch.bfloat16),
+    (1, 8, 4, 1, 128, 128, 1, 20000, 20480, torch.bfloat16),
+    (1, 1, 3, 1, 128, 64, 0, 500, 640, torch.float16),
+    (2, 2, 5, 1, 128, 128, 1, 100, 256, torch.bfloat16),       # nothing compressed yet
+]
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("case", GRID, ids=lambda c: f"B{c[0]}H{c[1]}G{c[2]}Tq{c[3]}D{c[4]}R{c[5]}c{c[6]}n{c[7]}")
+@pytest.mark.parametrize("mask", ["none", "bool_pos", "float_pos", "bool_row"])
+def test_cuda_attend_matches_reference(case, mask):
+    B, H, G, Tq, D, R, center, n, L, dtype = case
+    st, consts, meta, gen = _state(B, H, L, D, R, center, n - Tq, dtype, seed=n + G)
+    kn = torch.randn(B, H, Tq, D, generator=gen, device="cuda").to(dtype)
+    vn = torch.randn(B, H, Tq, D, generator=gen, device="cuda").to(dtype)
+    ref.append_(st, consts, kn, vn, meta)
+    q = (torch.randn(B, H * G, Tq, D, generator=gen, device="cuda") * 2).to(dtype)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)             # HF's layout: a transposed view
+    am = None
+    causal = mask == "none"
+    if mask != "none":
+        pos = torch.arange(L, device="cuda")
+        keep = (pos < n) & (torch.rand(B, 1, 1, L, generator=gen, device="cuda") > 0.1)
+        if mask == "bool_row":
+            keep = keep & (torch.rand(B, H * G, Tq, L, generator=gen, device="cuda") > 0.2)
+        keep[..., n - 1] = True
+        am = keep if mask.startswith("bool") else torch.where(keep, 0.0, float("-inf")).to(dtype)
+    out = cr.rotation_attend_cuda(q, st, consts, kn, vn, am, causal, None, meta)
+    want = ref.attend(q, st, consts, kn, vn, am, causal, None, meta)
+    assert out.shape == q.shape and out.stride() == torch.empty_like(q).stride() and out.dtype == q.dtype
+    assert torch.isfinite(out).all()
+    rel = ((out.float() - want.float()).norm() / want.float().norm()).item()
+    assert rel < (1e-2 if dtype == torch.bfloat16 else 4e-3), rel
+
+
+@gpu
+@needs_gpu
+def test_large_queries_keep_precision():
+    # Pi q is stored in fp16 scaled by a power of two: |q| of 1e5 must not overflow, 1e-3 not underflow
+    B, H, G, D, L = 1, 2, 4, 128, 2048
+    st, consts, meta, gen = _state(B, H, L, D, 128, 1, 1500, torch.bfloat16, seed=5)
+    kn = torch.randn(B, H, 1, D, generator=gen, device="cuda").to(torch.bfloat16)
+    ref.append_(st, consts, kn, kn, meta)
+    for s in (1e-3, 3e3):
+        q = (torch.randn(B, H * G, 1, D, generator=gen, device="cuda") * s).to(torch.bfloat16)
+        out = cr.rotation_attend_cuda(q, st, consts, kn, kn, None, True, 1.0 / s / D ** 0.5 * 3, meta)
+        want = ref.attend(q, st, consts, kn, kn, None, True, 1.0 / s / D ** 0.5 * 3, meta)
+        assert ((out.float() - want.float()).norm() / want.float().norm()).item() < 1e-2, s
+
+
+@gpu
+@needs_gpu
+def test_cuda_attend_in_a_cuda_graph():
+    B, H, G, D, L = 2, 4, 4, 128, 4096
+    st, consts, meta, gen = _state(B, H, L, D, 128, 1, 3000, torch.bfloat16, seed=7)
+    kk = torch.randn(B, H, 1, D, generator=gen, device="cuda").to(torch.bfloat16)
+    vv = torch.randn_like(kk)
+    qq = torch.randn(B, H * G, 1, D, generator=gen, device="cuda").to(torch.bfloat16)
+    from qjl_compile.kernels.triton.rotation import rotation_append_
+    g, out = capture_decode(rotation_append_, cr.rotation_attend_cuda, st, consts, kk, vv, qq, meta)
+    outs, wants = [], []
+    for _ in range(200):                      # crosses a residual flush (R = 128)
+        kk.copy_(torch.randn(B, H, 1, D, generator=gen, device="cuda"))
+        vv.copy_(torch.randn(B, H, 1, D, generator=gen, device="cuda"))
+        qq.copy_(torch.randn(B, H * G, 1, D, generator=gen, device="cuda"))
+        g.replay()
+        want = ref.attend(qq, st, consts, kk, vv, None, True, None, meta)
+        outs.append(out.float().clone())
+        wants.append(want.float())
+    o, w = torch.stack(outs), torch.stack(wants)
+    assert ((o - w).norm() / w.norm()).item() < 1e-2
+    assert int(st[0]) == 3200
+
+
+@gpu
+@needs_gpu
+def test_dispatch_takes_the_cuda_kernel():
+    from qjl_compile.kernels import triton as qjl_triton
+    B, H, G, D, L = 1, 2, 4, 128, 2048
+    st, consts, meta, gen = _state(B, H, L, D, 128, 1, 1500, torch.bfloat16, seed=9)
+    q = torch.randn(B, H * G, 1, D, generator=gen, device="cuda").to(torch.bfloat16)
+    kn = torch.randn(B, H, 1, D, generator=gen, device="cuda").to(torch.bfloat16)
+    torch.ops.qjl.append(st, consts, kn, kn, meta)
+    before = qjl_triton.ROUTES.copy()
+    out = torch.ops.qjl.attend(q, st, consts, kn, kn, None, True, None, meta)
+    assert qjl_triton.ROUTES["cuda"] == before.get("cuda", 0) + 1
+    want = ref.attend(q, st, consts, kn, kn, None, True, None, meta)
+    assert ((out.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
