@@ -1,10 +1,11 @@
-"""CUDA C++ QJL decode attention vs the Triton kernel vs bf16 SDPA, with launch variants.
+"""CUDA C++ decode attention (QJL; rotation codec with --presets) vs the Triton kernels vs bf16 SDPA.
 
 Llama-3-8B attention shape (32 q / 8 kv heads, d=128), bf16, decode q_len=1, the QJL "reference"
 preset past the initial layers (m=256, m_out=128, o=8, 2-bit values, R=128). CUDA-graph replay,
 L2 flushed, medians of CUDA events (benchmarks/timer.py).
 
     python benchmarks/attend_cuda.py [--sizes 1x4096,1x32768,1x131072,16x16384] [--out results/x.json]
+        [--presets rotation4,rotation-k4v3-match]   (other codecs' presets: Triton and CUDA C++ rows)
 """
 from __future__ import annotations
 
@@ -17,14 +18,62 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels import D, DTYPE, H, HQ, fill, qjl_bytes, qjl_setup  # noqa: E402
+from kernels import D, DTYPE, H, HQ, codec_bytes, fill, preset_fill, preset_setup, qjl_bytes, qjl_setup  # noqa: E402
 from timer import bench, copy_bandwidth, env_header  # noqa: E402
 
 from qjl_compile.config import QJLConfig  # noqa: E402
 from qjl_compile.kernels import reference as ref  # noqa: E402
 
 
-def rows_for(B, L, copy_gbs, variants):
+def preset_rows(B, L, names, copy_gbs, ms_sdpa):
+    """Per preset (another codec): its Triton kernel and, where it covers the preset, the CUDA C++
+    kernel, on one layer's cache (a layer past the initial ones), same q / timer as the QJL rows."""
+    from qjl_compile.kernels import triton as qjl_triton
+    from qjl_compile.kernels.cuda import qjl as cq
+    out = []
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    q = torch.randn(B, HQ, 1, D, generator=gen, device="cuda").to(DTYPE)
+    for name in names:
+        st, consts, meta, kern = preset_setup(name, B, L, "cuda")
+        preset_fill(st, consts, meta, L - 1, "cuda", gen=gen)
+        k1 = torch.randn(B, H, 1, D, generator=gen, device="cuda").to(DTYPE)
+        v1 = torch.randn(B, H, 1, D, generator=gen, device="cuda").to(DTYPE)
+        torch.ops.qjl.append(st, consts, k1, v1, meta)
+        want = None
+        if B * L <= 16 * 16384:
+            want = ref.attend(q, st, consts, k1, v1, None, True, None, meta).float()
+        nb = codec_bytes(st, consts, meta, L, B)
+        cands = []
+        tri = qjl_triton._kernel(int(meta[0]), 1)
+        if tri is not None:
+            cands.append(("triton", lambda tri=tri: tri(q, st, consts, k1, v1, None, True, None, meta)))
+        spec = qjl_triton.CPP_KERNELS.get(int(meta[0]))
+        why = "no CUDA C++ kernel for this codec"
+        if spec is not None:
+            import importlib
+            mod = importlib.import_module(f"qjl_compile.kernels.cuda.{spec[0]}")
+            why = mod.unsupported(q, st, consts, meta)
+            if not why:
+                fn = getattr(mod, spec[1])
+                cands.append(("cuda", lambda fn=fn: fn(q, st, consts, k1, v1, None, True, None, meta)))
+        if why:
+            print(f"{name}: CUDA C++ kernel not run ({why})")
+        for impl, fn in cands:
+            try:
+                o = fn()
+            except cq.Unsupported as e:
+                print(f"{name} {impl}: {e}")
+                continue
+            e = float("nan") if want is None else ((o.float() - want).norm() / want.norm()).item()
+            ms = bench(fn, graph=True)
+            out.append(dict(B=B, L=L, impl=f"{name} {impl}", us=ms * 1e3, MB=nb / 1e6,
+                            pct_copy=100 * nb / ms / 1e6 / copy_gbs, speedup=ms_sdpa / ms, err=e))
+        del st
+        torch.cuda.empty_cache()
+    return out
+
+
+def rows_for(B, L, copy_gbs, variants, presets=()):
     from qjl_compile.kernels.cuda.qjl import qjl_attend_cuda
     from qjl_compile.kernels.triton.qjl_append import qjl_append_
     from qjl_compile.kernels.triton.qjl_attend import qjl_attend
@@ -41,6 +90,8 @@ def rows_for(B, L, copy_gbs, variants):
                     speedup=1.0, err=0.0))
     del k, v
     torch.cuda.empty_cache()
+    if not variants:                                  # --no-qjl
+        return out + (preset_rows(B, L, presets, copy_gbs, ms_sdpa) if presets else [])
     cfg = QJLConfig.preset("reference", head_dim=D)
     st, consts, meta = qjl_setup(B, L, cfg)
     fill(st, consts, meta, L - 1)
@@ -66,6 +117,8 @@ def rows_for(B, L, copy_gbs, variants):
                         speedup=ms_sdpa / ms, err=e))
     del st
     torch.cuda.empty_cache()
+    if presets:
+        out += preset_rows(B, L, presets, copy_gbs, ms_sdpa)
     return out
 
 
@@ -74,6 +127,8 @@ def main(argv=None):
     ap.add_argument("--sizes", default="1x4096,1x32768,1x131072,16x16384")
     ap.add_argument("--variants", default="default;minb=4 st=2", help="';'-separated launch variants")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--presets", default="", help="','-separated presets of other codecs to time (Triton and CUDA C++)")
+    ap.add_argument("--no-qjl", action="store_true", help="skip the QJL rows (SDPA and --presets only)")
     ap.add_argument("--once", default=None, help="BxL: build that state and run the CUDA kernel three times (for ncu)")
     a = ap.parse_args(argv)
     variants = []
@@ -98,6 +153,18 @@ def main(argv=None):
             else:
                 raise SystemExit(f"unknown variant key {key!r} (nw, ns, st, sqsmem, minb, pk)")
         variants.append((v, kw))
+    if a.once and a.presets:                       # ncu of another codec's CUDA C++ kernel
+        from qjl_compile.kernels.cuda.rot import rotation_attend_cuda
+        B, L = (int(x) for x in a.once.split("x"))
+        st, consts, meta, _ = preset_setup(a.presets.split(",")[0], B, L, "cuda")
+        preset_fill(st, consts, meta, L - 1, "cuda")
+        q = torch.randn(B, HQ, 1, D, device="cuda", dtype=DTYPE)
+        k1 = torch.randn(B, H, 1, D, device="cuda", dtype=DTYPE)
+        torch.ops.qjl.append(st, consts, k1, k1, meta)
+        for _ in range(3):
+            rotation_attend_cuda(q, st, consts, k1, k1, None, True, None, meta)
+        torch.cuda.synchronize()
+        return
     if a.once:
         from qjl_compile.kernels.cuda.qjl import qjl_attend_cuda
         B, L = (int(x) for x in a.once.split("x"))
@@ -116,7 +183,7 @@ def main(argv=None):
     rows = []
     for s in a.sizes.split(","):
         B, L = (int(x) for x in s.split("x"))
-        rows += rows_for(B, L, copy_gbs, variants)
+        rows += rows_for(B, L, copy_gbs, [] if a.no_qjl else variants, [p for p in a.presets.split(",") if p])
     from tabulate import tabulate
     print(tabulate([[r["B"], r["L"], r["impl"], f"{r['us']:.1f}", f"{r['MB']:.1f}", f"{r['pct_copy']:.0f}%",
                      f"{r['speedup']:.2f}x", f"{r['err']:.1e}"] for r in rows],

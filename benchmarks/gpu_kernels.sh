@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: the CUDA kernel's GPU tests, the attend benchmark and an ncu profile.
 #   bash benchmarks/gpu_kernels.sh OUTDIR [TAG] [VARIANTS] [SIZES]
-# Env: TESTS (pytest targets, default the CUDA kernel's tests; empty string = skip), NCU=0 to skip ncu.
+# Env: TESTS (pytest targets, default the CUDA kernel's tests; empty string = skip), NCU=0 to skip ncu,
+#      PRESETS (other codecs' presets timed too, e.g. rotation4), NCU_ROT=1 (ncu of rot_split at 128k).
 set -uo pipefail
 out=${1:?outdir}; tag=${2:-run}; variants=${3:-default}; sizes=${4:-1x4096,1x32768,1x131072,16x16384}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
@@ -11,7 +12,18 @@ TESTS=${TESTS-tests/kernels/test_cuda_qjl.py}
 if [ -n "$TESTS" ]; then
   python -m pytest -p xdist -n 8 -q -m gpu $TESTS 2>&1 | tail -15 | tee "$out/tests-$tag.txt"
 fi
-python benchmarks/attend_cuda.py --sizes "$sizes" --variants "$variants" --out "$out/attend-$tag.json" 2>&1 | tee "$out/bench-$tag.txt"
+python benchmarks/attend_cuda.py --sizes "$sizes" --variants "$variants" --presets "${PRESETS:-}" ${NOQJL:+--no-qjl} \
+    --out "$out/attend-$tag.json" 2>&1 | tee "$out/bench-$tag.txt"
+if [ "${NCU_ROT:-0}" = 1 ] && command -v ncu >/dev/null; then
+  f="$out/ncu-$tag-rot.txt"
+  ncu --clock-control none --kernel-name regex:"rot_(prep|split|combine)" --launch-skip 3 --launch-count 3 \
+      --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+      --section ComputeWorkloadAnalysis --print-details all \
+      python benchmarks/attend_cuda.py --once 1x131072 --presets rotation4 > "$f" 2>&1
+  echo "== ncu rotation4"
+  grep -E "rot_|Duration|Achieved Occupancy|Issued Warp|Warp Cycles Per Issued|Registers Per|Eligible Warps|Issue Slots Busy|Executed Ipc A" "$f" | head -40
+  grep -iE "pipe|tensor|fma|alu|lsu" "$f" | grep -v "^ *$" | head -30
+fi
 if [ "${NCU:-1}" = 1 ] && command -v ncu >/dev/null; then
   v1=${variants%%;*}
   IFS=';' read -ra nvs <<< "${NCU_VARIANTS:-$v1}"
