@@ -9,6 +9,8 @@ decode-sized calls.
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -209,3 +211,60 @@ def test_cuda_dispatcher_sends_long_prefill_chunks_to_the_shortcut(codec_name):
     assert taken() == before + 1 and kt.ROUTES["sdpa"] == sdpa + 1
     assert out.stride() == torch.empty_like(q).stride()
     torch.testing.assert_close(out, ref.attend(q, st, consts, k, v, mask, False, None, meta), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("lowering", ["eager", "aot_eager"])
+@pytest.mark.parametrize("kv_heads", [1, 4])
+def test_compiled_prefill_over_qjlcache_gets_the_shortcut_on_every_layer(lowering, kv_heads, monkeypatch):
+    """The qjl backend's graph (the e2e harness's prefill path): a prompt into an empty QJLCache, then a later
+    chunk. qjl::attend's CPU kernel is replaced (for this test) by one that takes `attend_prefill` where it
+    applies, as the CUDA route does; the prompt's call on every layer takes it (HF's real mask / causal flag as the pass hands them over),
+    the later chunk's never does, and the logits equal the eager QJLCache's (dequantize path) throughout."""
+    import functools
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qjl_compile import QJLCache, QJLConfig
+    from qjl_compile.backend import qjl_backend
+    from qjl_compile.compat import cache_kwargs
+
+    layers, T, T2, cap = 2, 80, 24, 160
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    qcfg = QJLConfig.for_model(cfg, residual=32)  # the 80-token prompt compresses two blocks in its append
+    ids = torch.randint(1, 256, (1, T + T2))
+
+    def run(step):
+        cache = QJLCache(cfg, max_cache_len=cap, qjl_config=qcfg)
+        with torch.no_grad():
+            a = step(ids[:, :T], **cache_kwargs(cache)).logits
+            b = step(ids[:, T:], **cache_kwargs(cache)).logits
+        return a, b
+
+    want = run(model)  # eager: update() hands HF's SDPA the dequantized K/V
+    seen = []
+
+    def cpu_attend(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, meta):
+        out = ref.attend_prefill(q, state, k_new, v_new, attn_mask, is_causal, scale)
+        seen.append((q.shape[2], out is not None))
+        if out is None:
+            out = ref.attend(q, state, consts, k_new, v_new, attn_mask, is_causal, scale, meta)
+        return ops.like_fake(q, out)
+
+    lib = torch.library.Library("qjl", "IMPL")  # the CPU kernel, for this test only (destroyed below)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+            lib.impl("attend", cpu_attend, "CPU")
+        step = torch.compile(model, backend=functools.partial(qjl_backend, options={"lowering": lowering}),
+                             fullgraph=True)
+        got = run(step)
+    finally:
+        lib._destroy()
+    assert seen == [(T, True)] * layers + [(T2, False)] * layers, seen
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
