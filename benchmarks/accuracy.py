@@ -92,7 +92,26 @@ def _short(exc: BaseException) -> str:
     return msg if len(msg) < 160 else msg[:157] + "..."
 
 
-def build_methods(model, selected: list[str] | None, windows: list[int]) -> list[Method]:
+def parse_variant(spec: str) -> tuple[str, str, dict]:
+    """--variant "NAME=PRESET:field=value:field=value" -> (NAME, PRESET, overrides); values are Python literals
+    (a candidate setting scored without adding a preset: presets are added only when they win on held-out)."""
+    import ast
+
+    name, _, rest = spec.partition("=")
+    preset, *kvs = rest.split(":")
+    if not name or not preset:
+        raise SystemExit(f"--variant {spec!r}: use NAME=PRESET[:field=value...]")
+    kw = {}
+    for kv in kvs:
+        f, _, val = kv.partition("=")
+        try:
+            kw[f] = ast.literal_eval(val)
+        except (ValueError, SyntaxError):
+            kw[f] = val
+    return name, preset, kw
+
+
+def build_methods(model, selected: list[str] | None, windows: list[int], variants=()) -> list[Method]:
     cfgm = model.config
     out = [Method("fp16", "fp16", None, 16.0, 16.0, {w: 16.0 for w in windows},
                   note="exact DynamicCache in the model dtype, counted at 16 bits")]
@@ -103,6 +122,9 @@ def build_methods(model, selected: list[str] | None, windows: list[int]) -> list
     for p in QJLConfig.presets():   # further codecs/presets (e.g. a rotation codec) join automatically
         if p not in covered:
             qjl_like.append((p, None, p, {}))
+    for spec in variants:            # --variant: a preset with overrides, under its own name
+        name, preset, kw = parse_variant(spec)
+        qjl_like.append((name, None, preset, kw))
     for name, family, preset, kw in qjl_like:
         m = Method(name, family or "")
         try:
@@ -120,7 +142,7 @@ def build_methods(model, selected: list[str] | None, windows: list[int]) -> list
             elif cfg.method == "decoquant":
                 m.note = f"{cfg.decoquant_bits}-bit A, fp16 16x16 B per block, R={cfg.residual}"
             else:
-                m.note = f"preset {preset}, R={cfg.residual}"
+                m.note = f"preset {preset}, R={cfg.residual}" + (f", overrides {kw}" if kw else "")
         except Exception as exc:  # noqa: BLE001 (e.g. codec not implemented yet)
             m.error = "not available: " + _short(exc)
         out.append(m)
@@ -195,7 +217,7 @@ def run(args) -> dict:
             raise SystemExit(f"--kinds: unknown text kind {kind!r} (pydoc, pysrc)")
     splits = args.splits.split(",")
     windows = [int(w) for w in args.windows.split(",")]
-    methods = build_methods(model, args.methods.split(",") if args.methods else None, windows)
+    methods = build_methods(model, args.methods.split(",") if args.methods else None, windows, args.variant or ())
     errors = {m.name: m.error for m in methods if m.error}
 
     def on_error(name, exc):
@@ -446,6 +468,9 @@ def parse(argv=None):
     ap.add_argument("--text", default=None, help="text file (default: pydoc_data.topics)")
     ap.add_argument("--methods", default=None, help="comma-separated subset (prefixes ok: qjl, decoquant, quanto, "
                                                       "hqq); fp16 always runs")
+    ap.add_argument("--variant", action="append", default=None,
+                    help="NAME=PRESET[:field=value...]: score a preset with QJLConfig overrides under NAME "
+                         "(repeatable; select it with --methods like a preset)")
     ap.add_argument("--needle-tokens", type=int, default=None, help="filler tokens of the needle prompt (0: skip)")
     ap.add_argument("--needle-depths", default=None, help="needle depths, comma-separated fractions")
     ap.add_argument("--needle-trials", type=int, default=None, help="prompts per depth (different keys/filler)")

@@ -29,15 +29,25 @@ exact (side dtype) in a head-only buffer (`Spec.head`: rows for positions [0, s)
 scores/values use them in place of their codes.  Cost: 2 * s * D side values per (batch, head),
 independent of the cache length.
 
+Exact outlier tokens (params ``key_outliers`` = tk > 0 / ``value_outliers`` = tv > 0, opt-in, issue 17;
+KVQuant-style dense-and-sparse at token level): per `block` tokens (the cache passes block = R) and
+(batch, kv head), the tk keys (tv values) whose coded vector has the largest squared error
+||x - x_hat||^2 are also stored exact (side dtype) with their offset in the block (int16); keys(),
+values() and scores() use them in place of their codes (the codes stay stored, the format of every
+other buffer is unchanged). Cost: t * (16 D + 16) / (block * D) bits per key (value) value, counted
+from the buffers. Only the reference implements it; the fused GPU kernels refuse it.
+
 Buffers (`specs`, rows indexed by position // per):
     kidx  (per 1, (D*bk/8,) uint8)   bk = key_bits - unbiased, LSB-first (3 bits: 8 codes / 3 bytes)
     kscale (per 1, () side)
     [kqjl (per 1, (m/8,) uint8), kres (per 1, () side)]       unbiased only
     vidx  (per 1, (D*bv/8,) uint8),  vscale (per 1, () side)
     [ksink, vsink (head s, (D,) side)]                         sink only
+    [kout (per block, (tk, D) side), kopos (per block, (tk,) int16)]  key_outliers only
+    [vout (per block, (tv, D) side), vopos (per block, (tv,) int16)]  value_outliers only
 Bits per value: K: key_bits + 16/D (+ 16/D unbiased), V: value_bits + 16/D.
 
-params = [key_bits, value_bits, unbiased, scale_mode, sink]
+params = [key_bits, value_bits, unbiased, scale_mode, sink(, center, block(, key_outliers, value_outliers))]
 consts = [Pi (D, D), codebook_k (2^bk,), codebook_v (2^bv,), S (m, D) (m = 0 unless unbiased)]
          all fp32; `make_consts` builds them.
 """
@@ -55,6 +65,7 @@ from .reference import Codec, Spec
 BITS = (1, 2, 3, 4)
 SCALE_MODES = {"norm": 0, "match": 1, "lsq": 2}
 NPARAMS = 7
+NPARAMS_OUTLIERS = 9   # the opt-in form with exact outlier tokens (`outlier_tokens`)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,6 +203,9 @@ def parse(params):
     The 5-entry form [key_bits, value_bits, unbiased, scale_mode, sink] means center = 0."""
     if len(params) == NPARAMS - 2:
         params = [*params, 0, 1]
+    if len(params) == NPARAMS_OUTLIERS:   # the outlier entries are read by `outlier_tokens`
+        outlier_tokens(params)
+        params = list(params)[:NPARAMS]
     if len(params) != NPARAMS:
         raise ValueError(f"rotation codec: params must be [key_bits, value_bits, unbiased, scale_mode, sink, "
                          f"center, block], got {list(params)}")
@@ -208,6 +222,42 @@ def parse(params):
         raise ValueError(f"rotation codec: center={center} must be a bit mask (1 keys, 2 values) and "
                          f"block={block} >= 1")
     return kb, vb, ub, sm, sink, center, block
+
+
+def outlier_tokens(params) -> tuple[int, int]:
+    """(key_outliers, value_outliers): exact tokens per block; (0, 0) for the 5- and 7-entry forms."""
+    if len(params) != NPARAMS_OUTLIERS:
+        return 0, 0
+    tk, tv, block = int(params[7]), int(params[8]), int(params[6])
+    if tk < 0 or tv < 0 or tk > block or tv > block or block > 32767:
+        raise ValueError(f"rotation codec: key_outliers={tk}, value_outliers={tv} must be in [0, block={block}] "
+                         f"(block <= 32767: offsets are int16)")
+    return tk, tv
+
+
+def _pick_outliers(x, x_hat, t, block, side_dtype):
+    """Per `block` tokens, the t tokens of largest ||x - x_hat||^2: (exact (..., N/block, t, D) side,
+    offsets in the block (..., N/block, t) int16, ascending)."""
+    *lead, n, d = x.shape
+    if n % block:
+        raise ValueError(f"rotation codec: {n} tokens is not a multiple of the outlier block {block}")
+    err = (x.float() - x_hat).pow(2).sum(-1).reshape(*lead, n // block, block)
+    pos = err.topk(t, dim=-1).indices.sort(dim=-1).values                     # (..., nb, t)
+    xb = x.float().reshape(*lead, n // block, block, d)
+    ex = torch.gather(xb, -2, pos.unsqueeze(-1).expand(*pos.shape, d))
+    return ex.to(side_dtype), pos.to(torch.int16)
+
+
+def _put_outliers(x, out, block):
+    """x (..., N, D) with the exact outlier rows `out` = (exact, offsets) written in; N <= rows * block."""
+    ex, pos = out
+    *lead, n, d = x.shape
+    nb = ex.shape[-3]
+    if nb == 0 or ex.shape[-2] == 0:
+        return x
+    xb = x[..., : nb * block, :].reshape(*lead, nb, block, d).clone()
+    xb.scatter_(-2, pos.long().unsqueeze(-1).expand(*pos.shape, d), ex.float())
+    return torch.cat([xb.reshape(*lead, nb * block, d), x[..., nb * block:, :]], dim=-2)
 
 
 def _center(x, Pi, block, side_dtype):
@@ -251,6 +301,11 @@ class RotationCodec(Codec):
             out += [Spec("vmean", block, (d,), "side")]
         if sink:
             out += [Spec("ksink", 1, (d,), "side", head=sink), Spec("vsink", 1, (d,), "side", head=sink)]
+        tk, tv = outlier_tokens(params)
+        if tk:
+            out += [Spec("kout", block, (tk, d), "side"), Spec("kopos", block, (tk,), torch.int16)]
+        if tv:
+            out += [Spec("vout", block, (tv, d), "side"), Spec("vopos", block, (tv,), torch.int16)]
         return out
 
     def compress(self, k, v, consts, params, side_dtype=torch.float16):
@@ -267,6 +322,19 @@ class RotationCodec(Codec):
         out += [mv] if mv is not None else []
         if sink:  # the whole block; append_ keeps the rows of a head-only buffer that exist
             out += [k.to(side_dtype), v.to(side_dtype)]
+        tk, tv = outlier_tokens(params)
+        if tk or tv:   # chosen by the error of the decoded vectors (codes, scale, mean; QJL residual included)
+            # (sinks are not used here: compress does not know where its block starts, so the selection
+            # is the same for every block; in block 0 a sink token may take an outlier slot)
+            parts = self._split(out, params[:NPARAMS])
+            if tk:
+                kh = self._rot(parts[0], cbk, block) @ Pi
+                if parts[0][2] is not None:
+                    kh = kh + residual_keys(parts[0][2][0], parts[0][2][1], S)
+                out += list(_pick_outliers(k, kh, tk, block, side_dtype))
+            if tv:
+                vh = self._rot(parts[1], cbv, block) @ Pi
+                out += list(_pick_outliers(v, vh, tv, block, side_dtype))
         return out
 
     # -- decode ----------------------------------------------------------------------------
@@ -291,6 +359,17 @@ class RotationCodec(Codec):
         return (kc, ks, kq, km), (vc, vs, None, vm), sinks
 
     @staticmethod
+    def _outliers(bufs, params):
+        """-> ((exact keys, offsets) or None, (exact values, offsets) or None): the buffers after the sinks."""
+        tk, tv = outlier_tokens(params)
+        if not (tk or tv):
+            return None, None
+        i = len(bufs) - 2 * (bool(tk) + bool(tv))
+        ko = tuple(bufs[i:i + 2]) if tk else None
+        vo = tuple(bufs[i + 2 * bool(tk): i + 2 * bool(tk) + 2]) if tv else None
+        return ko, vo
+
+    @staticmethod
     def _rot(part, cb, block):
         """Decoded vectors in the rotated space: Pi mu_block + a_j codebook[idx_j], (B, H, N, D) fp32."""
         codes, scale, _, mean = part
@@ -309,6 +388,9 @@ class RotationCodec(Codec):
         k = self.keys_rotated(bufs, consts, params) @ consts[0]
         if kp[2] is not None:
             k = k + residual_keys(kp[2][0], kp[2][1], consts[3])
+        ko, _ = self._outliers(bufs, params)
+        if ko is not None:
+            k = _put_outliers(k, ko, parse(params)[6])
         return _with_sink(k, sinks, 0)
 
     def values_rotated(self, bufs, consts, params):
@@ -319,7 +401,11 @@ class RotationCodec(Codec):
 
     def values(self, bufs, consts, params):
         _, _, sinks = self._split(bufs, params)
-        return _with_sink(self.values_rotated(bufs, consts, params) @ consts[0], sinks, 1)
+        v = self.values_rotated(bufs, consts, params) @ consts[0]
+        _, vo = self._outliers(bufs, params)
+        if vo is not None:
+            v = _put_outliers(v, vo, parse(params)[6])
+        return _with_sink(v, sinks, 1)
 
     def decompress(self, bufs, consts, params):
         return self.keys(bufs, consts, params), self.values(bufs, consts, params)
@@ -342,6 +428,14 @@ class RotationCodec(Codec):
         if kp[2] is not None:
             raw = tq[..., d:] @ ref.signs(kp[2][0]).transpose(-1, -2)
             s = s + ref.qjl_const(m, d) * raw * kp[2][1].float().unsqueeze(-2)
+        ko, _ = self._outliers(bufs, params)
+        if ko is not None and ko[0].shape[-3]:   # exact q . k of each block's outlier tokens
+            ex, pos = ko
+            block, nb, t = parse(params)[6], ex.shape[-3], ex.shape[-2]
+            so = torch.einsum("...qd,...btd->...qbt", q.float(), ex.float())           # (..., Q, nb, t)
+            sb = s[..., : nb * block].reshape(*s.shape[:-1], nb, block).clone()
+            sb.scatter_(-1, pos.long().unsqueeze(-3).expand(*so.shape), so)
+            s = torch.cat([sb.reshape(*s.shape[:-1], nb * block), s[..., nb * block:]], dim=-1)
         if sinks is not None and sinks[0].shape[-2]:
             ns = sinks[0].shape[-2]
             s = torch.cat([q.float() @ sinks[0].float().transpose(-1, -2), s[..., ns:]], dim=-1)

@@ -41,6 +41,8 @@ def _codec_setup(cfg: QJLConfig, layer_idx: int, d: int):
         from .config import ROTATION_CENTERS
         params = [kb, vb, ub, rot.SCALE_MODES[cfg.rotation_scale], cfg.sink_tokens,
                   ROTATION_CENTERS[cfg.rotation_center], cfg.residual]  # centering block = R
+        if cfg.rotation_key_outliers or cfg.rotation_value_outliers:   # opt-in (issue 17): exact outlier tokens
+            params += [cfg.rotation_key_outliers, cfg.rotation_value_outliers]
     else:
         consts, params = [], [cfg.decoquant_bits, cfg.residual]  # block = R
     return codec, consts, params

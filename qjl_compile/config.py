@@ -79,6 +79,12 @@ class QJLConfig:
         ``rotation_value_bits`` / ``rotation_initial_bits`` for values; () = off. Like
         ``rotation_layer_key_bits``: a fixed schedule, every kernel runs it unchanged (issue 17:
         schedules picked from per-layer sensitivity measured on the tune windows only).
+    rotation_key_outliers, rotation_value_outliers : int
+        Rotation codec, opt-in (issue 17): per compressed block (R tokens) and kv head, this many keys
+        (values) with the largest coding error are also stored exact (side dtype, plus an int16
+        offset): t * (16 D + 16) / (R D) bits per key (value) value, counted. 0 = off (today's format).
+        Reference only: the fused Triton kernels refuse it (NotImplementedError), so a cache with it
+        runs on the CPU reference.
     sink_tokens : int
         The first ``sink_tokens`` positions are kept exact (attention sink); rotation codec only.
     seed : int
@@ -108,6 +114,8 @@ class QJLConfig:
     rotation_initial_keys_only: bool = False
     rotation_layer_key_bits: tuple = ()
     rotation_layer_value_bits: tuple = ()
+    rotation_key_outliers: int = 0
+    rotation_value_outliers: int = 0
     sink_tokens: int = 0
     seed: int = 42
     side_dtype: str = "float16"
@@ -171,6 +179,12 @@ class QJLConfig:
                 "() unless method='rotation' (per-layer bits are a rotation-codec schedule)")
         if self.rotation_unbiased and any(b < 2 for b in self.rotation_layer_key_bits):
             bad("rotation_layer_key_bits", "entries >= 2 with rotation_unbiased=True")
+        for name in ("rotation_key_outliers", "rotation_value_outliers"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= self.residual:
+                bad(name, "an integer in [0, residual] (exact tokens per R-token block)")
+            if v and self.method != "rotation":
+                bad(name, "0 unless method='rotation' (exact outlier tokens are a rotation-codec option)")
         if not isinstance(self.sink_tokens, int) or not 0 <= self.sink_tokens <= self.residual:
             bad("sink_tokens", "an integer in [0, residual]")
         if self.sink_tokens and self.method != "rotation":

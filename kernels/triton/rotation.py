@@ -390,6 +390,11 @@ def check_rotation(state, consts, meta, what):
     codec = ref.CODECS[2]
     R, L, params = int(meta[1]), int(meta[2]), list(meta[3:])
     kb, vb, ub, sm, sink, center, block = rot.parse(params)
+    if rot.outlier_tokens(params) != (0, 0):
+        raise NotImplementedError(f"{what}: exact outlier tokens (rotation params key_outliers/value_outliers = "
+                                  f"{list(rot.outlier_tokens(params))}, QJLConfig.rotation_key_outliers/"
+                                  f"rotation_value_outliers) are not implemented in the fused Triton rotation "
+                                  f"kernels; use them with the CPU reference (kernels/rotation.py)")
     if len(consts) != 4:
         raise ValueError(f"{what}: rotation consts are [Pi, codebook_k, codebook_v, S], got {len(consts)} tensors")
     rk = state[1]
