@@ -25,7 +25,7 @@ from qjl_compile.config import QJLConfig  # noqa: E402
 from qjl_compile.kernels import reference as ref  # noqa: E402
 
 
-def preset_rows(B, L, names, copy_gbs, ms_sdpa):
+def preset_rows(B, L, names, copy_gbs, ms_sdpa, variants=(("default", {}),)):
     """Per preset (another codec): its Triton kernel and, where it covers the preset, the CUDA C++
     kernel, on one layer's cache (a layer past the initial ones), same q / timer as the QJL rows."""
     from qjl_compile.kernels import triton as qjl_triton
@@ -55,7 +55,9 @@ def preset_rows(B, L, names, copy_gbs, ms_sdpa):
             why = mod.unsupported(q, st, consts, meta)
             if not why:
                 fn = getattr(mod, spec[1])
-                cands.append(("cuda", lambda fn=fn: fn(q, st, consts, k1, v1, None, True, None, meta)))
+                for vname, kw in variants:
+                    cands.append(("cuda" if vname == "default" else f"cuda {vname}",
+                                  lambda fn=fn, kw=kw: fn(q, st, consts, k1, v1, None, True, None, meta, **kw)))
         if why:
             print(f"{name}: CUDA C++ kernel not run ({why})")
         for impl, fn in cands:
@@ -73,7 +75,7 @@ def preset_rows(B, L, names, copy_gbs, ms_sdpa):
     return out
 
 
-def rows_for(B, L, copy_gbs, variants, presets=()):
+def rows_for(B, L, copy_gbs, variants, presets=(), pvariants=(("default", {}),)):
     from qjl_compile.kernels.cuda.qjl import qjl_attend_cuda
     from qjl_compile.kernels.triton.qjl_append import qjl_append_
     from qjl_compile.kernels.triton.qjl_attend import qjl_attend
@@ -91,7 +93,7 @@ def rows_for(B, L, copy_gbs, variants, presets=()):
     del k, v
     torch.cuda.empty_cache()
     if not variants:                                  # --no-qjl
-        return out + (preset_rows(B, L, presets, copy_gbs, ms_sdpa) if presets else [])
+        return out + (preset_rows(B, L, presets, copy_gbs, ms_sdpa, pvariants) if presets else [])
     cfg = QJLConfig.preset("reference", head_dim=D)
     st, consts, meta = qjl_setup(B, L, cfg)
     fill(st, consts, meta, L - 1)
@@ -118,21 +120,14 @@ def rows_for(B, L, copy_gbs, variants, presets=()):
     del st
     torch.cuda.empty_cache()
     if presets:
-        out += preset_rows(B, L, presets, copy_gbs, ms_sdpa)
+        out += preset_rows(B, L, presets, copy_gbs, ms_sdpa, pvariants)
     return out
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="1x4096,1x32768,1x131072,16x16384")
-    ap.add_argument("--variants", default="default;minb=4 st=2", help="';'-separated launch variants")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--presets", default="", help="','-separated presets of other codecs to time (Triton and CUDA C++)")
-    ap.add_argument("--no-qjl", action="store_true", help="skip the QJL rows (SDPA and --presets only)")
-    ap.add_argument("--once", default=None, help="BxL: build that state and run the CUDA kernel three times (for ncu)")
-    a = ap.parse_args(argv)
+def parse_variants(text):
+    """'default;ns=64 minb=4' -> [(name, launcher keyword arguments)]."""
     variants = []
-    for v in a.variants.split(";"):
+    for v in text.split(";"):
         kw = {}
         for tok in v.split():
             if tok == "default":
@@ -153,6 +148,21 @@ def main(argv=None):
             else:
                 raise SystemExit(f"unknown variant key {key!r} (nw, ns, st, sqsmem, minb, pk)")
         variants.append((v, kw))
+    return variants
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1x4096,1x32768,1x131072,16x16384")
+    ap.add_argument("--variants", default="default;minb=4 st=2", help="';'-separated launch variants")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--presets", default="", help="','-separated presets of other codecs to time (Triton and CUDA C++)")
+    ap.add_argument("--preset-variants", default="default", help="';'-separated launch variants of the other codecs' CUDA kernels (nw, ns, st, minb)")
+    ap.add_argument("--no-qjl", action="store_true", help="skip the QJL rows (SDPA and --presets only)")
+    ap.add_argument("--once", default=None, help="BxL: build that state and run the CUDA kernel three times (for ncu)")
+    a = ap.parse_args(argv)
+    variants = parse_variants(a.variants)
+    pvariants = parse_variants(a.preset_variants)
     if a.once and a.presets:                       # ncu of another codec's CUDA C++ kernel
         from qjl_compile.kernels.cuda.rot import rotation_attend_cuda
         B, L = (int(x) for x in a.once.split("x"))
@@ -183,7 +193,7 @@ def main(argv=None):
     rows = []
     for s in a.sizes.split(","):
         B, L = (int(x) for x in s.split("x"))
-        rows += rows_for(B, L, copy_gbs, [] if a.no_qjl else variants, [p for p in a.presets.split(",") if p])
+        rows += rows_for(B, L, copy_gbs, [] if a.no_qjl else variants, [p for p in a.presets.split(",") if p], pvariants)
     from tabulate import tabulate
     print(tabulate([[r["B"], r["L"], r["impl"], f"{r['us']:.1f}", f"{r['MB']:.1f}", f"{r['pct_copy']:.0f}%",
                      f"{r['speedup']:.2f}x", f"{r['err']:.1e}"] for r in rows],

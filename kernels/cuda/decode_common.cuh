@@ -208,7 +208,8 @@ __device__ __forceinline__ void stage_values(const A& a, u16 (*vs)[D], int j0, i
     cp_commit();
 }
 // ROT: the partials are in a rotated basis (rotation codec): their merged sum is rotated back by pi
-// (D x D fp32, out_d = sum_e acc_e pi[e][d]) before the exact part is added.
+// (D x D fp32, out_d = sum_e acc_e pi[e][d]) before the exact part is added; pi is copied to dynamic
+// shared memory (D * D * 4 bytes, the launcher's) at the start, so its L2 round trips overlap the rest.
 template <class A, bool ROT>
 __device__ __forceinline__ void combine_body(const A& a, u16* out, i64 sob, i64 soh, i64 sot, const float* pi) {
     const int bh = blockIdx.x, r = blockIdx.y, b = bh / a.H, h = bh % a.H, d = threadIdx.x;
@@ -222,6 +223,11 @@ __device__ __forceinline__ void combine_body(const A& a, u16* out, i64 sob, i64 
     __shared__ float wsp[EMAX];
     __shared__ float red[D / 32];
     __shared__ __align__(16) u16 vs[CH_E][D];
+    if constexpr (ROT) {    // pi (D x D fp32) into dynamic shared memory, in flight during the exact part
+        extern __shared__ __align__(16) u8 cdyn[];
+        for (int i = d; i < D * D / 4; i += D) cp16(cdyn + 16 * i, pi + 4 * i);
+        cp_commit();
+    }
     stage_values(a, vs, 0, min(CH_E, ne), e0, n_old, c1, b, h, d);
     const float* op = a.opart + ((i64)bh * a.nsplit * 8 + r) * D + d;
     float opr[PREG];
@@ -290,11 +296,14 @@ __device__ __forceinline__ void combine_body(const A& a, u16* out, i64 sob, i64 
     }
     if constexpr (ROT) {
         __shared__ float rot[D];
+        extern __shared__ __align__(16) u8 cdyn[];
+        const float* pis = (const float*)cdyn;
         rot[d] = accp;
+        cp_wait<0>();
         __syncthreads();
         float u0 = 0.f, u1 = 0.f;
 #pragma unroll 8
-        for (int e = 0; e < D; e += 2) { u0 += rot[e] * pi[e * D + d]; u1 += rot[e + 1] * pi[(e + 1) * D + d]; }
+        for (int e = 0; e < D; e += 2) { u0 += rot[e] * pis[e * D + d]; u1 += rot[e + 1] * pis[(e + 1) * D + d]; }
         acc += u0 + u1;
         l += lpw;
     }

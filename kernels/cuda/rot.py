@@ -242,5 +242,7 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
               H, G, Tq, T, M, LC, chunk, ns, nblk)
     allow_dynamic_smem(fns["rot_split"], dyn)
     launch(fns["rot_split"], (BH, ns), (nw * 32,), [a], stream, shared=dyn)
-    launch(fns["rot_combine"], (BH, M), (D,), [a, P(out.data_ptr()), *(I64(s) for s in out.stride()[:3])], stream)
+    allow_dynamic_smem(fns["rot_combine"], D * D * 4)       # pi, staged in shared memory
+    launch(fns["rot_combine"], (BH, M), (D,), [a, P(out.data_ptr()), *(I64(s) for s in out.stride()[:3])], stream,
+           shared=D * D * 4)
     return out
