@@ -194,6 +194,9 @@ __device__ __forceinline__ void merge_warps(float* op, float* ls, float (*wo)[8]
 // independent load is issued up front -- the first CH_E value rows by cp.async, the split partials
 // into registers -- so the exact-score, value and partial round trips overlap.
 #define EMAX 1024
+#ifndef NSINK
+#define NSINK 0                 // exact sink tokens (a.ksink / a.vsink, (B * H, NSINK, D) fp16), codecs that have them
+#endif
 #define CH_E 136                // exact tokens staged at a time (a ring of 128 + 8 new tokens in one)
 #define PREG 32                 // split partials held in registers (more: read in a loop at the end)
 template <class A>
@@ -218,6 +221,7 @@ __device__ __forceinline__ void combine_body(const A& a, u16* out, i64 sob, i64 
     const int cl = min(c1, n - a.T);
     const int e0 = max(cl, 0), ne = n - e0, n_old = n - a.T;
     const int qh = h * a.G + r / a.Tq, tq = r % a.Tq;
+    const int nsk = NSINK ? min(NSINK, max(cl, 0)) : 0;
     __shared__ float qrow[D];
     __shared__ float ps[EMAX];
     __shared__ float wsp[EMAX];
@@ -260,6 +264,20 @@ __device__ __forceinline__ void combine_body(const A& a, u16* out, i64 sob, i64 
             if (ln == 0) ps[j] = s;
             mx = fmaxf(mx, s);
         }
+#if NSINK
+        // sink tokens: positions 0 .. nsk-1 of the compressed part (the split masks them), after the others in ps
+        for (int j = w; j < nsk; j += D / 32) {
+            const u16* kp = a.ksink + ((i64)bh * NSINK + j) * D + ln * (D / 32);
+            float s = 0.f;
+#pragma unroll
+            for (int e = 0; e < D / 32; ++e) s += qv[e] * h2f(kp[e]);
+#pragma unroll
+            for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+            s = masked(a, s * a.qk_scale, b, h, r, j, n, n);
+            if (ln == 0) ps[ne + j] = s;
+            mx = fmaxf(mx, s);
+        }
+#endif
     }
 #pragma unroll
     for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
@@ -269,7 +287,7 @@ __device__ __forceinline__ void combine_body(const A& a, u16* out, i64 sob, i64 
 #pragma unroll
     for (int w = 1; w < D / 32; ++w) mx = fmaxf(mx, red[w]);
     const float mu = mx == -INFINITY ? 0.f : mx;
-    for (int j = d; j < ne; j += D) ps[j] = exp2f(ps[j] - mu);
+    for (int j = d; j < ne + nsk; j += D) ps[j] = exp2f(ps[j] - mu);
     for (int s = d; s < a.nsplit; s += D) wsp[s] = exp2f(wsp[s] - mu);
     float acc = 0.f, l = 0.f;
     for (int j0 = 0; j0 < ne; j0 += CH_E) {
@@ -284,6 +302,13 @@ __device__ __forceinline__ void combine_body(const A& a, u16* out, i64 sob, i64 
         }
     }
     __syncthreads();
+#if NSINK
+    for (int j = 0; j < nsk; ++j) {
+        const float p = ps[ne + j];
+        l += p;
+        acc += p * h2f(a.vsink[((i64)bh * NSINK + j) * D + d]);
+    }
+#endif
     float accp = 0.f, lpw = 0.f;
 #pragma unroll
     for (int s = 0; s < PREG; ++s) {

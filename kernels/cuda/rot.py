@@ -25,27 +25,36 @@ LOG2E = 1.4426950408889634
 STAGES = 3
 MIN_BLOCKS = 3
 KEY_BITS = (4,)
-VALUE_BITS = (4,)
+VALUE_BITS = (3, 4)
+MAX_SINK = 64
 _DERIVED: dict = {}
 
 
+def _word(b4):
+    return b4[0] | (b4[1] << 8) | (b4[2] << 16) | (b4[3] << 24)
+
+
 def lut_words(cb: torch.Tensor) -> list[int] | str:
-    """The 4 lookup words of a 16-entry codebook (lo bytes of magnitudes 0-3, 4-7, hi bytes 0-3, 4-7),
-    or why the kernel cannot use it (a codebook that is not symmetric in fp16)."""
+    """The 4 lookup words of a codebook in fp16, or why the kernel cannot use it.
+
+    16 entries (4-bit): lo bytes of magnitudes 0-3, 4-7, hi bytes 0-3, 4-7 (the codebook must be
+    symmetric: the sign is applied apart). 8 entries (3-bit): lo bytes of entries 0-3, 4-7, hi bytes
+    0-3, 4-7 (any codebook: the code is the byte selector)."""
     c = cb.detach().float().cpu().to(torch.float16)
-    if c.numel() != 16:
-        return f"a {c.numel()}-entry codebook (the kernel decodes 16-entry, 4-bit ones)"
     bits = c.view(torch.int16).to(torch.int32) & 0xFFFF
+    if c.numel() == 8:
+        lo = [b & 0xFF for b in bits.tolist()]
+        hi = [b >> 8 for b in bits.tolist()]
+        return [_word(lo[:4]), _word(lo[4:]), _word(hi[:4]), _word(hi[4:])]
+    if c.numel() != 16:
+        return f"a {c.numel()}-entry codebook (the kernel decodes 8- and 16-entry, 3- and 4-bit ones)"
     neg = (bits ^ 0x8000)
     if not torch.equal(bits[:8], neg.flip(0)[:8]) or bool((c[8:] <= 0).any()):
         return "a codebook that is not symmetric (cb[15 - c] == -cb[c] in fp16); the register lookup needs that"
     mag = bits[8:].tolist()                              # magnitude index j = code - 8 (codes >= 8)
     lo = [m & 0xFF for m in mag]
     hi = [m >> 8 for m in mag]
-
-    def word(b4):
-        return b4[0] | (b4[1] << 8) | (b4[2] << 16) | (b4[3] << 24)
-    return [word(lo[:4]), word(lo[4:]), word(hi[:4]), word(hi[4:])]
+    return [_word(lo[:4]), _word(lo[4:]), _word(hi[:4]), _word(hi[4:])]
 
 
 def derived(consts):
@@ -77,7 +86,7 @@ class _Args(ctypes.Structure):
                 + [(f"sr{c}", ctypes.c_int64) for c in "bht"]
                 + [("kn", ctypes.c_void_p), ("vn", ctypes.c_void_p)] + [(f"sn{c}", ctypes.c_int64) for c in "bht"]
                 + [(f, ctypes.c_void_p) for f in ("kidx", "kscale", "kmean", "vidx", "vscale", "qr", "qrs", "pi",
-                                                  "lut", "mask")]
+                                                  "lut", "ksink", "vsink", "mask")]
                 + [(f"sm{c}", ctypes.c_int64) for c in "bhtl"]
                 + [("opart", ctypes.c_void_p), ("lse", ctypes.c_void_p), ("qk_scale", ctypes.c_float)]
                 + [(f, ctypes.c_int32) for f in ("H", "G", "Tq", "T", "M", "LC", "chunk", "nsplit", "nblk")])
@@ -89,12 +98,16 @@ def unsupported(q, state, consts, meta) -> str:
         kb, vb, ub, _, sink, center, block = rot.parse(list(meta[3:]))
     except ValueError as e:
         return str(e)
+    if rot.outlier_tokens(list(meta[3:])) != (0, 0):
+        return (f"exact outlier tokens per block (key_outliers, value_outliers = "
+                f"{list(rot.outlier_tokens(list(meta[3:])))}) are not implemented in the CUDA C++ kernel")
     if ub:
         return "unbiased keys (a QJL residual) are not implemented in the CUDA C++ kernel"
     if kb not in KEY_BITS or vb not in VALUE_BITS:
-        return f"key_bits={kb}, value_bits={vb}: the CUDA C++ kernel decodes {KEY_BITS[0]}-bit keys and values"
-    if sink:
-        return f"{sink} exact sink tokens are not implemented in the CUDA C++ kernel"
+        return (f"key_bits={kb}, value_bits={vb}: the CUDA C++ kernel decodes key bits {KEY_BITS}, "
+                f"value bits {VALUE_BITS}")
+    if sink > MAX_SINK:
+        return f"{sink} exact sink tokens > {MAX_SINK} (the CUDA C++ kernel's combine attends them per call)"
     if center & 2:
         return "value centering is not implemented in the CUDA C++ kernel"
     ok, why = available()
@@ -117,8 +130,9 @@ def unsupported(q, state, consts, meta) -> str:
         return f"head_dim {D} not in (64, 128)"
     if center and (block % 32 or R % block):
         return f"centering block {block} must be a multiple of 32 dividing R={R}"
-    if R + q.shape[2] > 1024:
-        return f"residual window {R} + {q.shape[2]} query tokens > 1024 exact tokens (the combine's score table)"
+    if R + q.shape[2] + sink > 1024:
+        return (f"residual window {R} + {q.shape[2]} query tokens + {sink} sinks > 1024 exact tokens "
+                f"(the combine's score table)")
     if len(consts) < 3 or consts[0].shape != (D, D):
         return f"consts must be [Pi ({D}, {D}), codebook_k, codebook_v, S]"
     why = derived(consts)[1]
@@ -183,17 +197,26 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
     B, H, R, D = rk.shape
     L = int(meta[2])
     LC = L // R * R
-    kb, vb, _, _, _, center, block = rot.parse(list(meta[3:]))
+    kb, vb, _, _, sink, center, block = rot.parse(list(meta[3:]))
     q, k_new, v_new, Tq, T, G = check_attend(q, state, k_new, v_new, B, H, D, "rotation_attend_cuda")
     M = G * Tq
-    if R + T > 1024:
-        raise Unsupported(f"residual window {R} + {T} new tokens > 1024 exact tokens (the combine's score table)")
+    ns_ = min(LC, sink) if sink else 0
+    if R + T + ns_ > 1024:
+        raise Unsupported(f"residual window {R} + {T} new tokens + {ns_} sinks > 1024 exact tokens "
+                          f"(the combine's score table)")
     ck = center & 1
     nb = 4 if ck else 3                                   # kidx, kscale, [kmean], vidx, vscale
     bufs = state[3:3 + nb + 1]
     kidx, kscale = bufs[0], bufs[1]
     kmean = bufs[2] if ck else bufs[1]
     vidx, vscale = bufs[nb - 1], bufs[nb]
+    ksink = vsink = kidx                                  # a dummy pointer when there are none (NSINK = 0)
+    if ns_:
+        ksink, vsink = state[3 + nb + 1], state[3 + nb + 2]
+        for name, tns in (("ksink", ksink), ("vsink", vsink)):
+            if tuple(tns.shape) != (B, H, ns_, D) or not tns.is_contiguous() or tns.dtype != torch.float16:
+                raise ValueError(f"rotation_attend_cuda: buffer {name} must be contiguous fp16 {(B, H, ns_, D)}, "
+                                 f"got {tuple(tns.shape)} {tns.dtype}")
     for name, tns, shp in (("kidx", kidx, (B, H, LC, D * kb // 8)), ("kscale", kscale, (B, H, LC)),
                            ("vidx", vidx, (B, H, LC, D * vb // 8)), ("vscale", vscale, (B, H, LC))):
         if tuple(tns.shape) != shp or not tns.is_contiguous():
@@ -217,7 +240,7 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
         raise ValueError(f"stages={nst}: the rotation kernel streams through >= 2 cp.async stages")
     defines = dict(D=D, KB=kb, VB=vb, RR=R, NW=nw, QDT=int(q.dtype == torch.bfloat16), MK=kind,
                    CAUSAL=int(causal), CAUSAL_C=int(causal and T < Tq), CK=ck, BLK=block if ck else 128,
-                   MINB=int(min_blocks or MIN_BLOCKS), STAGES=nst)
+                   MINB=int(min_blocks or MIN_BLOCKS), STAGES=nst, NSINK=ns_)
     dyn = dyn_smem(nw, nst, D, kb, vb, nblk)
     fns = module("rot_decode", defines, KERNELS, q.device)
     pi, lut = derived(consts)
@@ -237,7 +260,8 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
     a = _Args(q.data_ptr(), *q.stride()[:3], state[0].data_ptr(), rk.data_ptr(), rv.data_ptr(), *rk.stride()[:3],
               k_new.data_ptr(), v_new.data_ptr(), *k_new.stride()[:3],
               kidx.data_ptr(), kscale.data_ptr(), kmean.data_ptr(), vidx.data_ptr(), vscale.data_ptr(),
-              qr.data_ptr(), qrs.data_ptr(), pi.data_ptr(), lut.data_ptr(), mt.data_ptr(), *ms,
+              qr.data_ptr(), qrs.data_ptr(), pi.data_ptr(), lut.data_ptr(), ksink.data_ptr(), vsink.data_ptr(),
+              mt.data_ptr(), *ms,
               opart.data_ptr(), lse.data_ptr(), sc * LOG2E,
               H, G, Tq, T, M, LC, chunk, ns, nblk)
     allow_dynamic_smem(fns["rot_split"], dyn)

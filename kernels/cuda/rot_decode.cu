@@ -3,7 +3,7 @@
 // (decode_common.cuh: online softmax, warp merge, combine).
 //
 // Compiled by NVRTC with the shapes as macros: D head_dim (64, 128), KB key bits (4), VB value bits
-// (4), RR residual window, NW warps per CTA, QDT 0 fp16 / 1 bf16, MK mask kind, CAUSAL / CAUSAL_C as in
+// (3, 4), NSINK exact sink tokens, RR residual window, NW warps per CTA, QDT 0 fp16 / 1 bf16, MK mask kind, CAUSAL / CAUSAL_C as in
 // qjl_decode.cu, CK keys centered per BLK-token block (the rotated block mean, fp16, is added back as
 // q' . mu per block and query row). Side data (scales, means) fp16.
 //
@@ -38,11 +38,15 @@
 #ifndef BLK
 #define BLK 128
 #endif
+#ifndef NSINK
+#define NSINK 0                 // exact sink tokens (positions 0 .. NSINK-1: masked here, attended in the combine)
+#endif
 #define CPT (D / 4)             // key channels per thread (t) and token
 #define KW (CPT * KB / 32)      // 32-bit key words per thread and token
 #define NK (D / 16)             // key k-steps
 #define CPL (D / 8)             // value channels per lane group (g)
 #define CB (CPL * VB / 8)       // value code bytes per lane group and token
+#define CW (CPL / 8)            // value code words per lane group and token, 8 codes a word in nibbles
 #define NT (D / 16)             // value M-tiles
 
 struct Args {
@@ -55,6 +59,8 @@ struct Args {
     const float* qrs;       // (BH, 8) 2^e per row
     const float* pi;        // (D, D) fp32: the combine rotates the partials back
     const u32* lut;         // 8 words: key magnitudes (lo bytes 0-3, 4-7, hi bytes 0-3, 4-7), then values'
+                            // (the same for 4-bit values; for 3-bit ones lo bytes of cb 0-3, 4-7, hi bytes)
+    const u16* ksink; const u16* vsink;   // (B * H, NSINK, D) fp16 exact sink tokens
     const void* mask; i64 smb, smh, smt, sml;
     float* opart; float* lse;
     float qk_scale;
@@ -76,6 +82,41 @@ __device__ __forceinline__ void lut8(u32 x, const u32 (&tb)[4], u32 (&h)[4]) {
     hb ^= prmt(ng4, ng, 0x7362) & 0x80808080u;        // codes 4..7
     h[0] = prmt(la, ha, S0); h[1] = prmt(la, ha, S1);
     h[2] = prmt(lb, hb, S0); h[3] = prmt(lb, hb, S1);
+}
+
+// 3-bit values: the 8 codebook entries' lo and hi bytes are 4 registers and the 3-bit code is the
+// byte selector itself (no symmetry needed, no sign); the nibbles come from the packed 24-bit words by
+// three shift-and-select steps (spread3). 8 codes: 1 SHF + 8 PRMT here, 3 SHF + 4 LOP3 + 1 PRMT before.
+template <u32 S0, u32 S1>
+__device__ __forceinline__ void lut3(u32 x, const u32 (&tb)[4], u32 (&h)[4]) {
+    const u32 xh = x >> 16;
+    const u32 la = prmt(tb[0], tb[1], x), lb = prmt(tb[0], tb[1], xh);
+    const u32 ha = prmt(tb[2], tb[3], x), hb = prmt(tb[2], tb[3], xh);
+    h[0] = prmt(la, ha, S0); h[1] = prmt(la, ha, S1);
+    h[2] = prmt(lb, hb, S0); h[3] = prmt(lb, hb, S1);
+}
+
+// (a & m) | (b & ~m): one LOP3
+__device__ __forceinline__ u32 sel(u32 a, u32 b, u32 m) { return (a & m) | (b & ~m); }
+
+// 8 3-bit codes (bits 0-23, 3 i .. 3 i + 2 code i; bits 24-31 zero) -> nibble i = code i (bit 3 zero).
+// Each step leaves garbage only in bits that the next steps drop or the final mask clears.
+__device__ __forceinline__ u32 spread3(u32 x) {
+    x = sel(x, x << 4, 0x00000FFFu);     // codes 4-7 to bits 16-27
+    x = sel(x, x << 2, 0x003F003Fu);     // pairs (2 i, 2 i + 1) to bytes
+    x = sel(x, x << 1, 0x07070707u);     // odd codes to the high nibble
+    return x & 0x77777777u;
+}
+
+// one lane group's CPL 3-bit value codes of a token (CB bytes at p) as CW nibble words
+__device__ __forceinline__ void load_codes3(u32 (&w)[CW], const u8* p) {
+    if constexpr (CW == 2) {     // 6 bytes, 2-byte aligned
+        const u32 h0 = *(const u16*)p, h1 = *(const u16*)(p + 2), h2 = *(const u16*)(p + 4);
+        w[0] = spread3(prmt(h0, h1, 0x2410));
+        w[1] = spread3(prmt(h1, h2, 0x2541));
+    } else {                     // 3 bytes at any alignment
+        w[0] = spread3((u32)p[0] | ((u32)p[1] << 8) | ((u32)p[2] << 16));
+    }
 }
 
 // one 32-token group in shared memory (bytes): key codes, key scales, value codes, value scales
@@ -198,13 +239,14 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
             const u16* G_VS = (const u16*)(gst + ST_VS);
             // value codes first (their latency overlaps the scoring): tokens 2t, 2t+1, 2t+8, 2t+9 of
             // each tile, lane group g's CB bytes
-            u32 cwt[2][4][CB / 4];
+            u32 cwt[2][4][CW];
 #pragma unroll
             for (int tt = 0; tt < 2; ++tt)
 #pragma unroll
                 for (int k = 0; k < 4; ++k) {
                     const u8* cp = G_V + (16 * tt + 2 * t + (k & 1) + 8 * (k >> 1)) * (D * VB / 8) + CB * g;
-                    if constexpr (CB == 4) cwt[tt][k][0] = *(const u32*)cp;
+                    if constexpr (VB == 3) load_codes3(cwt[tt][k], cp);
+                    else if constexpr (CW == 1) cwt[tt][k][0] = *(const u32*)cp;
                     else { const uint2 v = *(const uint2*)cp; cwt[tt][k][0] = v.x; cwt[tt][k][1] = v.y; }
                 }
             float s[2][4];
@@ -259,9 +301,13 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
 #pragma unroll
                 for (int e = 0; e < 4; ++e) if (p + g + 8 * (e >> 1) > qpos[e & 1]) s[tt][e] = -INFINITY;
 #endif
-                if (tail) {
+                // the split's last group, and the sink positions (attended exactly in the combine)
+                if (tail || (NSINK > 0 && g0 < NSINK)) {
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) if (p + g + 8 * (e >> 1) >= hi) s[tt][e] = -INFINITY;
+                    for (int e = 0; e < 4; ++e) {
+                        const int pos = p + g + 8 * (e >> 1);
+                        if (pos >= hi || pos < NSINK) s[tt][e] = -INFINITY;
+                    }
                 }
             }
             float pr[2][4];
@@ -276,12 +322,13 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
 #pragma unroll
                 for (int k = 0; k < 2; ++k) {           // token pair (2t, 2t+1) + 8k
 #pragma unroll
-                    for (int w = 0; w < CB / 4; ++w) {
+                    for (int w = 0; w < CW; ++w) {
 #pragma unroll
                         for (int hf = 0; hf < 2; ++hf) {  // bytes 2hf, 2hf+1 of both tokens: channels 8w + 4hf + 0..3
                             const u32 x = prmt(cwt[tt][2 * k][w], cwt[tt][2 * k + 1][w], hf ? 0x7362 : 0x5140);
                             u32 v4[4];
-                            lut8<0x6240, 0x7351>(x, tv, v4);
+                            if constexpr (VB == 3) lut3<0x6240, 0x7351>(x, tv, v4);
+                            else lut8<0x6240, 0x7351>(x, tv, v4);
 #pragma unroll
                             for (int j = 0; j < 4; ++j) {
                                 const int u = 8 * w + 4 * hf + j;     // channel CPL g + u

@@ -75,6 +75,62 @@ def test_lookup_decodes_every_code(bits):
         assert got == want, hex(x)
 
 
+def spread3(x):
+    """rot_decode.cu spread3, op for op (sel = LOP3 (a & m) | (b & ~m))."""
+    def sel(a, b, m):
+        return ((a & m) | (b & ~m)) & M32
+    x = sel(x, x << 4, 0x00000FFF)
+    x = sel(x, x << 2, 0x003F003F)
+    x = sel(x, x << 1, 0x07070707)
+    return x & 0x77777777
+
+
+def lut3(x, tb, s0, s1):
+    xh = x >> 16
+    la, lb = prmt(tb[0], tb[1], x), prmt(tb[0], tb[1], xh)
+    ha, hb = prmt(tb[2], tb[3], x), prmt(tb[2], tb[3], xh)
+    return [prmt(la, ha, s0), prmt(la, ha, s1), prmt(lb, hb, s0), prmt(lb, hb, s1)]
+
+
+def load_codes3(row: bytes, off: int, cw: int):
+    """rot_decode.cu load_codes3: the 3-bit codes of CPL = 8 cw channels at byte `off` -> cw nibble words."""
+    if cw == 2:
+        h0, h1, h2 = (row[off + i] | (row[off + i + 1] << 8) for i in (0, 2, 4))
+        return [spread3(prmt(h0, h1, 0x2410)), spread3(prmt(h1, h2, 0x2541))]
+    return [spread3(row[off] | (row[off + 1] << 8) | (row[off + 2] << 16))]
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_3bit_values_decode_every_code(D):
+    from qjl_compile.kernels import decoquant as dq
+    # any 8-entry codebook works (no symmetry): a shuffled one, and the real Lloyd-Max one
+    for cb in (rot.codebook(3), rot.codebook(3)[torch.randperm(8, generator=torch.Generator().manual_seed(D))]):
+        tb = cr.lut_words(cb)
+        assert not isinstance(tb, str), tb
+        cb16 = cb.to(torch.float16).tolist()
+        gen = torch.Generator().manual_seed(D)
+        codes = torch.randint(0, 8, (2, D), generator=gen, dtype=torch.int32)
+        codes[0, :8] = torch.arange(8)
+        packed = dq.pack(codes, 3)                  # the codec's layout: (2, D * 3 / 8) bytes
+        cpl, cw = D // 8, D // 64
+        for g in range(8):                          # lane group g: channels cpl g .. cpl (g + 1)
+            wa = load_codes3(bytes(packed[0].tolist()), cpl * 3 // 8 * g, cw)
+            wb = load_codes3(bytes(packed[1].tolist()), cpl * 3 // 8 * g, cw)
+            for w in range(cw):
+                for hf in range(2):                 # as the kernel: interleave the tokens, look up (A c, B c)
+                    x = prmt(wa[w], wb[w], 0x7362 if hf else 0x5140)
+                    got = sum((halves(h) for h in lut3(x, tb, 0x6240, 0x7351)), [])
+                    ch = [cpl * g + 8 * w + 4 * hf + j for j in range(4)]
+                    want = sum(([cb16[codes[0, c]], cb16[codes[1, c]]] for c in ch), [])
+                    assert got == want, (g, w, hf)
+
+
+def test_spread3_on_every_bit_pattern():
+    gen = torch.Generator().manual_seed(0)
+    for x in [int(w) for w in torch.randint(0, 2 ** 24, (500,), generator=gen)] + [0xFFFFFF, 0]:
+        assert spread3(x) == sum(((x >> (3 * i)) & 7) << (4 * i) for i in range(8)), hex(x)
+
+
 def test_value_words_interleave_two_tokens():
     gen = torch.Generator().manual_seed(3)
     a, b = (int(w) for w in torch.randint(0, 2 ** 32, (2,), generator=gen, dtype=torch.int64))
@@ -109,7 +165,7 @@ def test_asymmetric_codebook_is_refused():
     cb[0] -= 0.01
     why = cr.lut_words(cb)
     assert isinstance(why, str) and "symmetric" in why
-    assert "16-entry" in cr.lut_words(rot.codebook(3))
+    assert "16-entry" in cr.lut_words(rot.codebook(2))
 
 
 def test_unsupported_reasons_on_cpu():
@@ -121,8 +177,10 @@ def test_unsupported_reasons_on_cpu():
     meta = [2, R, L, *params]
     why = cr.unsupported(q, st, consts, meta)
     assert why and (("CUDA" in why) or ("cuda-bindings" in why) or ("NVRTC" in why))
-    for bad, words in (([4, 3, 0, 1, 0, 1, R], "value_bits=3"), ([4, 4, 1, 1, 0, 1, R], "unbiased"),
-                       ([4, 4, 0, 1, 4, 1, R], "sink"), ([4, 4, 0, 1, 0, 3, R], "value centering")):
+    for bad, words in (([4, 2, 0, 1, 0, 1, R], "value_bits=2"), ([3, 3, 0, 1, 0, 1, R], "key_bits=3"),
+                       ([4, 4, 1, 1, 0, 1, R], "unbiased"),
+                       ([4, 3, 0, 1, 100, 1, R], "sink"), ([4, 4, 0, 1, 0, 3, R], "value centering"),
+                       ([4, 4, 0, 1, 0, 1, R, 1, 0], "outlier tokens")):
         assert words in cr.unsupported(q, st, consts, [2, R, L, *bad])
     with pytest.raises(Unsupported):
         cr.rotation_attend_cuda(q, st, consts, q[:, :2], q[:, :2], None, True, None, meta)
@@ -141,11 +199,19 @@ CONFIGS = [dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=1, MK=4, CAUSAL=0, CAUSAL_C
            dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=0, MK=0, CAUSAL=1, CAUSAL_C=0, CK=0, BLK=128, MINB=3, STAGES=3),
            dict(D=64, KB=4, VB=4, RR=64, NW=4, QDT=1, MK=1, CAUSAL=0, CAUSAL_C=0, CK=1, BLK=64, MINB=3, STAGES=2),
            dict(D=64, KB=4, VB=4, RR=32, NW=4, QDT=0, MK=2, CAUSAL=0, CAUSAL_C=1, CK=1, BLK=32, MINB=3, STAGES=3),
-           dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=1, MK=3, CAUSAL=0, CAUSAL_C=0, CK=0, BLK=128, MINB=3, STAGES=3)]
+           dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=1, MK=3, CAUSAL=0, CAUSAL_C=0, CK=0, BLK=128, MINB=3, STAGES=3),
+           # rotation-k4v3-match: 3-bit values, 4 sinks, centered keys (and its 4-bit first layers)
+           dict(D=128, KB=4, VB=3, RR=128, NW=4, QDT=1, MK=4, CAUSAL=0, CAUSAL_C=0, CK=1, BLK=128, MINB=3, STAGES=3,
+                NSINK=4),
+           dict(D=64, KB=4, VB=3, RR=64, NW=4, QDT=0, MK=1, CAUSAL=0, CAUSAL_C=1, CK=1, BLK=64, MINB=3, STAGES=3,
+                NSINK=4),
+           dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=1, MK=0, CAUSAL=1, CAUSAL_C=0, CK=1, BLK=128, MINB=3, STAGES=3,
+                NSINK=4)]
 
 
 @nvrtc_ok
-@pytest.mark.parametrize("defines", CONFIGS, ids=lambda d: f"D{d['D']}mk{d['MK']}ck{d['CK']}q{d['QDT']}")
+@pytest.mark.parametrize("defines", CONFIGS,
+                         ids=lambda d: f"D{d['D']}v{d['VB']}mk{d['MK']}ck{d['CK']}q{d['QDT']}s{d.get('NSINK', 0)}")
 def test_compiles_for_sm90(defines, tmp_path):
     from qjl_compile.kernels.cuda import compile_source
     path = tmp_path / "k.cubin"
@@ -159,7 +225,7 @@ def test_compiles_for_sm90(defines, tmp_path):
     assert "HMMA" in sass and "MOVM" in sass and "PRMT" in sass, "the MMA/lookup path is not in the machine code"
 
 
-@pytest.mark.parametrize("D,kb,vb", [(128, 4, 4), (64, 4, 4)])
+@pytest.mark.parametrize("D,kb,vb", [(128, 4, 4), (64, 4, 4), (128, 4, 3), (64, 4, 3)])
 def test_stage_bytes_match_the_kernel_layout(D, kb, vb):
     import os
     src = os.path.join(os.path.dirname(cr.__file__), "rot_decode.cu")
@@ -178,10 +244,10 @@ def test_stage_bytes_match_the_kernel_layout(D, kb, vb):
 # ---------------------------------------------------------------------------------------------
 # GPU: kernel vs reference
 # ---------------------------------------------------------------------------------------------
-def _state(B, H, L, D, R, center, n, dtype, seed):
+def _state(B, H, L, D, R, center, n, dtype, seed, vb=4, sink=0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    params = [4, 4, 0, 1, 0, center, R]
-    consts = [c.cuda() for c in rot.make_consts(D, 4, 4, 0, seed, 0)]
+    params = [4, vb, 0, 1, sink, center, R]
+    consts = [c.cuda() for c in rot.make_consts(D, 4, vb, 0, seed, 0)]
     meta = [2, R, L, *params]
     st = ref.make_state(ref.CODECS[2], B, H, L, D, R, consts, params, dtype, torch.float16, "cuda")
     scale = torch.linspace(0.3, 2.5, D, device="cuda")
@@ -196,7 +262,7 @@ def _state(B, H, L, D, R, center, n, dtype, seed):
     return st, consts, meta, gen
 
 
-GRID = [  # B, H, G, Tq, D, R, center, n, L, dtype
+GRID = [  # B, H, G, Tq, D, R, center, n, L, dtype[, value bits, sinks]
     (1, 2, 4, 1, 128, 128, 1, 1000, 1024, torch.bfloat16),
     (3, 2, 1, 1, 128, 128, 0, 1313, 2048, torch.float16),
     (2, 1, 8, 1, 64, 64, 1, 777, 800, torch.bfloat16),
@@ -205,16 +271,25 @@ GRID = [  # B, H, G, Tq, D, R, center, n, L, dtype
     (1, 8, 4, 1, 128, 128, 1, 20000, 20480, torch.bfloat16),
     (1, 1, 3, 1, 128, 64, 0, 500, 640, torch.float16),
     (2, 2, 5, 1, 128, 128, 1, 100, 256, torch.bfloat16),       # nothing compressed yet
+    # rotation-k4v3-match's codec: 3-bit values, 4 exact sinks (and the 4-bit first layers with sinks)
+    (1, 2, 4, 1, 128, 128, 1, 1000, 1024, torch.bfloat16, 3, 4),
+    (2, 3, 1, 2, 64, 64, 1, 777, 800, torch.float16, 3, 4),
+    (1, 8, 4, 1, 128, 128, 1, 20000, 20480, torch.bfloat16, 3, 4),
+    (1, 1, 3, 1, 128, 32, 0, 301, 320, torch.float16, 3, 0),
+    (2, 2, 4, 1, 128, 128, 1, 3000, 4096, torch.bfloat16, 4, 4),
+    (1, 2, 8, 1, 128, 128, 1, 130, 512, torch.bfloat16, 3, 7),   # just past the first flush, odd sink count
 ]
 
 
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("case", GRID, ids=lambda c: f"B{c[0]}H{c[1]}G{c[2]}Tq{c[3]}D{c[4]}R{c[5]}c{c[6]}n{c[7]}")
+@pytest.mark.parametrize("case", GRID, ids=lambda c: f"B{c[0]}H{c[1]}G{c[2]}Tq{c[3]}D{c[4]}R{c[5]}c{c[6]}n{c[7]}"
+                                                   + (f"v{c[10]}s{c[11]}" if len(c) > 10 else ""))
 @pytest.mark.parametrize("mask", ["none", "bool_pos", "float_pos", "bool_row"])
 def test_cuda_attend_matches_reference(case, mask):
-    B, H, G, Tq, D, R, center, n, L, dtype = case
-    st, consts, meta, gen = _state(B, H, L, D, R, center, n - Tq, dtype, seed=n + G)
+    B, H, G, Tq, D, R, center, n, L, dtype = case[:10]
+    vb, sink = case[10:] if len(case) > 10 else (4, 0)
+    st, consts, meta, gen = _state(B, H, L, D, R, center, n - Tq, dtype, seed=n + G, vb=vb, sink=sink)
     kn = torch.randn(B, H, Tq, D, generator=gen, device="cuda").to(dtype)
     vn = torch.randn(B, H, Tq, D, generator=gen, device="cuda").to(dtype)
     ref.append_(st, consts, kn, vn, meta)
