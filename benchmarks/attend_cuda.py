@@ -145,8 +145,12 @@ def parse_variants(text):
                 kw["min_blocks"] = int(val)
             elif key == "pk":
                 kw["pack"] = bool(int(val))
+            elif key == "fo":
+                kw["fma_shifts"] = bool(int(val))
+            elif key == "fq":
+                kw["fuse_q"] = bool(int(val))
             else:
-                raise SystemExit(f"unknown variant key {key!r} (nw, ns, st, sqsmem, minb, pk)")
+                raise SystemExit(f"unknown variant key {key!r} (nw, ns, st, sqsmem, minb, pk, fo, fq)")
         variants.append((v, kw))
     return variants
 

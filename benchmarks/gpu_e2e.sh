@@ -6,7 +6,7 @@
 #   ttft  32k-prompt TTFT, 4 layers: inductor (HF eager prefill) grouped qjl rotation  -> OUTDIR/ttft/
 #   full  B=1 128k, 32 layers, synthetic fill: rotation inductor (then grouped as the same-run peer,
 #         if --time-limit leaves room)                                                  -> OUTDIR/full/
-# Env: PARTS="ttft full" (default both), FULL_LIMIT=200 / TTFT_LIMIT=120 (seconds, e2e.py --time-limit),
+# Env: PARTS="ttft full" (default both), FULL_MODES (default "rotation inductor grouped"), FULL_LIMIT=200 / TTFT_LIMIT=120 (seconds, e2e.py --time-limit),
 #      PY (python, default python), QUICK=1: CPU smoke of this script (e2e.py --quick, tiny model and sizes, no pip).
 set -uo pipefail
 out=${1:?outdir}; mkdir -p "$out"
@@ -37,7 +37,7 @@ for p in $PARTS; do
             --modes inductor grouped qjl rotation --budget-gib 0 --kv-budget-gib 0 \
             --time-limit "${TTFT_LIMIT:-120}" ;;
     full) part full "${FL[@]}" --batch 1 --fill synthetic --new-tokens 32 \
-            --modes rotation inductor grouped --budget-gib 0 --ttft-prompt 0 --kv-budget-gib 0 --time-limit "${FULL_LIMIT:-200}" ;;
+            --modes ${FULL_MODES:-rotation inductor grouped} --budget-gib 0 --ttft-prompt 0 --kv-budget-gib 0 --time-limit "${FULL_LIMIT:-200}" ;;
     *) echo "unknown part $p (ttft, full)";;
   esac
 done

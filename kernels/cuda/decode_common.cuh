@@ -29,6 +29,26 @@ __device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 s) {
     u32 r; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(s)); return r;
 }
+#ifndef FMAOFF
+#define FMAOFF 0                // 1: shifts as integer multiplies (FMA pipe), off the ALU pipe that operand
+                                // building (PRMT, LOP3) keeps busy
+#endif
+// x >> k and x << k as IMAD.HI / IMAD.SHL: the ALU pipe (PRMT, LOP3) is the split kernel's busiest
+__device__ __forceinline__ u32 shr_(u32 x, int k) {
+#if FMAOFF
+    u32 r; asm("mul.hi.u32 %0, %1, %2;" : "=r"(r) : "r"(x), "r"(1u << (32 - k))); return r;
+#else
+    return x >> k;
+#endif
+}
+__device__ __forceinline__ u32 shl_(u32 x, int k) {
+#if FMAOFF
+    u32 r; asm("mul.lo.u32 %0, %1, %2;" : "=r"(r) : "r"(x), "r"(1u << k)); return r;
+#else
+    return x << k;
+#endif
+}
+
 __device__ __forceinline__ u32 movt(u32 x) {
     u32 y; asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x)); return y;
 }

@@ -19,6 +19,7 @@ from . import allow_dynamic_smem, available, launch, module
 
 KERNELS = ("qjl_prep", "qjl_split", "qjl_combine")
 LOG2E = 1.4426950408889634
+FMA_SHIFTS = False        # measured per codec (RESULTS.md); the shared header's FMAOFF
 STAGES = 3             # cp.async stages per warp (H200 measurement: benchmarks/RESULTS.md)
 MIN_BLOCKS = 3         # CTAs per SM the register budget is sized for (162 registers at the reference shape)
 QSTEP = 32767          # fixed-point range of S q and the sketch columns (two int8 planes)
@@ -179,7 +180,8 @@ def split_plan(LC: int, nsplit: int, nw: int) -> tuple[int, int]:
 
 
 def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, scale=None, meta=None,
-                    nsplit=None, num_warps=None, min_blocks=None, sq_smem=None, stages=None, pack=None):
+                    nsplit=None, num_warps=None, min_blocks=None, sq_smem=None, stages=None, pack=None,
+                    fma_shifts=None):
     """Fused QJL decode attention, CUDA C++ (semantics of kernels.reference.attend).
 
     Parameters
@@ -207,6 +209,9 @@ def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
     pack : bool, optional
         Both 8-bit planes of S q in one MMA operand (needs <= 4 query rows per kv head; default: when
         they are).
+    fma_shifts : bool, optional
+        Operand-building shifts as integer multiplies (FMA pipe) instead of SHF (ALU pipe); default
+        FMA_SHIFTS.
 
     Returns
     -------
@@ -243,6 +248,7 @@ def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
     if pk and M > 4:
         raise ValueError(f"pack=True needs <= 4 query rows per kv head, got {M}")
     defines["PK"] = int(pk)
+    defines["FMAOFF"] = int(FMA_SHIFTS if fma_shifts is None else bool(fma_shifts))
     if sq_smem is not None:
         defines["SQ_SMEM"] = int(sq_smem)
     nst = STAGES if stages is None else int(stages)

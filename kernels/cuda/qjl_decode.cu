@@ -61,9 +61,10 @@ struct Args {
 
 // one chunk c of 32 sketch rows for the 16 tokens of a tile: rows g (words wg) and g+8 (w8)
 #define AFRAG(wg, w8, c)                                                   \
-    const u32 y0 = (wg)[(c) / 4] >> (2 * ((c) % 4)), y8 = (w8)[(c) / 4] >> (2 * ((c) % 4)); \
+    const u32 y0 = (c) % 4 ? shr_((wg)[(c) / 4], 2 * ((c) % 4)) : (wg)[(c) / 4];   \
+    const u32 y8 = (c) % 4 ? shr_((w8)[(c) / 4], 2 * ((c) % 4)) : (w8)[(c) / 4];   \
     const u32 a0 = y0 & 0x01010101u, a1 = y8 & 0x01010101u;                \
-    const u32 a2 = (y0 >> 1) & 0x01010101u, a3 = (y8 >> 1) & 0x01010101u;
+    const u32 a2 = shr_(y0, 1) & 0x01010101u, a3 = shr_(y8, 1) & 0x01010101u;
 
 #ifndef STAGES
 #define STAGES 3

@@ -1,9 +1,10 @@
 """Launcher of the CUDA C++ rotation-codec decode attention (kernels/cuda/rot_decode.cu).
 
-Three launches per call, sized from static shapes (CUDA-graph safe, no host sync): ``rot_prep``
-(Pi q per query row in fp16, scaled by a power of two), ``rot_split`` (one CTA per (batch * kv head,
-split), each warp its own partial softmax over the compressed tokens, values summed in the rotated
-basis) and ``rot_combine`` (the partials rotated back by Pi and merged with the exact tokens).
+Two launches per call, sized from static shapes (CUDA-graph safe, no host sync): ``rot_split`` (one
+CTA per (batch * kv head, split): Pi q per query row in fp16, scaled by a power of two, then each warp
+its own partial softmax over the compressed tokens, values summed in the rotated basis) and
+``rot_combine`` (the partials rotated back by Pi and merged with the exact tokens). With
+``fuse_q=False`` a ``rot_prep`` launch computes Pi q once per (batch * kv head) instead.
 
 Codes become fp16 MMA operands by register lookup, which needs symmetric codebooks (true of the
 Lloyd-Max codebooks of N(0, 1) the codec uses, checked per layer); see rot_decode.cu.
@@ -27,6 +28,8 @@ MIN_BLOCKS = 3
 KEY_BITS = (4,)
 VALUE_BITS = (3, 4)
 MAX_SINK = 64
+FMA_SHIFTS = True
+FUSE_Q = True
 _DERIVED: dict = {}
 
 
@@ -58,7 +61,8 @@ def lut_words(cb: torch.Tensor) -> list[int] | str:
 
 
 def derived(consts):
-    """(Pi fp32 contiguous, lut int32 (8,)) of a layer's consts, cached per Pi/codebook storage.
+    """(Pi fp32 contiguous, Pi^T fp32 contiguous, lut int32 (8,)) of a layer's consts, cached per
+    Pi/codebook storage (the second element is the reason instead, when the kernel cannot take it).
     `prepare` fills it when a layer is allocated, outside any CUDA-graph capture."""
     Pi, cbk, cbv = consts[0], consts[1], consts[2]
     key = (Pi.data_ptr(), cbk.data_ptr(), cbv.data_ptr(), Pi.device)
@@ -67,10 +71,11 @@ def derived(consts):
         return hit[1]
     wk, wv = lut_words(cbk), lut_words(cbv)
     if isinstance(wk, str) or isinstance(wv, str):
-        val = (None, wk if isinstance(wk, str) else wv)
+        val = (None, wk if isinstance(wk, str) else wv, None)
     else:
         words = [w - (1 << 32) if w >= 1 << 31 else w for w in wk + wv]
-        val = (Pi.detach().float().contiguous(), torch.tensor(words, dtype=torch.int32, device=Pi.device))
+        pf = Pi.detach().float()
+        val = (pf.contiguous(), pf.t().contiguous(), torch.tensor(words, dtype=torch.int32, device=Pi.device))
     _DERIVED[key] = ((Pi, cbk, cbv), val)
     return val
 
@@ -86,7 +91,7 @@ class _Args(ctypes.Structure):
                 + [(f"sr{c}", ctypes.c_int64) for c in "bht"]
                 + [("kn", ctypes.c_void_p), ("vn", ctypes.c_void_p)] + [(f"sn{c}", ctypes.c_int64) for c in "bht"]
                 + [(f, ctypes.c_void_p) for f in ("kidx", "kscale", "kmean", "vidx", "vscale", "qr", "qrs", "pi",
-                                                  "lut", "ksink", "vsink", "mask")]
+                                                  "pit", "lut", "ksink", "vsink", "mask")]
                 + [(f"sm{c}", ctypes.c_int64) for c in "bhtl"]
                 + [("opart", ctypes.c_void_p), ("lse", ctypes.c_void_p), ("qk_scale", ctypes.c_float)]
                 + [(f, ctypes.c_int32) for f in ("H", "G", "Tq", "T", "M", "LC", "chunk", "nsplit", "nblk")])
@@ -144,22 +149,28 @@ def stage_bytes(D, kb, vb) -> int:
     return 32 * (D * kb // 8) + 64 + 32 * (D * vb // 8) + 64
 
 
-def dyn_smem(nw, stages, D, kb, vb, nblk) -> int:
+def dyn_smem(nw, stages, D, kb, vb, nblk, fuse_q=False) -> int:
     """The stages of every warp plus the per-block q' . mu table (nblk x 8 fp32), which the CTA's
-    merge reuses for the warps' partial outputs (NW x 8 x D fp32) once the loop is done."""
-    return max(nw * stages * stage_bytes(D, kb, vb) + nblk * 32, nw * 8 * D * 4)
+    merge reuses for the warps' partial outputs (NW x 8 x D fp32) once the loop is done, and before
+    the loop, with `fuse_q`, Pi^T (D x D fp32) and the q rows (8 x D fp32) for Pi q."""
+    return max(nw * stages * stage_bytes(D, kb, vb) + nblk * 32, nw * 8 * D * 4, (D * D + 8 * D) * 4 if fuse_q else 0)
 
 
 def _config(B, H, LC):
-    """(warps per CTA, splits) from static shapes (CUDA-graph safe): the QJL kernel's rule (about 4
-    CTAs per SM of work, at most 32 splits, at least 128 tokens per split)."""
+    """(warps per CTA, splits, CTAs per SM for ``__launch_bounds__``) from static shapes (CUDA-graph
+    safe): the QJL kernel's split rule (about 4 CTAs per SM of work, at most 32 splits, at least 128
+    tokens per split), then 8 warps per CTA where a split has >= 2048 tokens. H200, attend-rot-v3.json:
+    8 warps (2 CTAs per SM) 87.7 vs 92.9 us at B=1 128k and 166.9 vs 168.7 at B=16 16k; at 32k (1024
+    tokens a split) 42.3 vs 41.6, so 4 warps there."""
     nw = 4
     nsplit = max(1, min(32, -(-4 * 132 // (B * H)), LC // (32 * nw)))
-    return nw, nsplit
+    if LC // nsplit >= 2048:
+        return 8, nsplit, 2
+    return nw, nsplit, MIN_BLOCKS
 
 
 def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, scale=None, meta=None,
-                         nsplit=None, num_warps=None, min_blocks=None, stages=None):
+                         nsplit=None, num_warps=None, min_blocks=None, stages=None, fma_shifts=None, fuse_q=None):
     """Fused rotation-codec decode attention, CUDA C++ (semantics of kernels.reference.attend).
 
     Parameters
@@ -179,6 +190,11 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
         Score scale, default 1/sqrt(D).
     nsplit, num_warps, min_blocks, stages : int, optional
         Launch overrides (splits, warps per CTA, ``__launch_bounds__`` CTAs per SM, cp.async stages).
+    fma_shifts : bool, optional
+        The lookups' shifts as integer multiplies (FMA pipe) instead of SHF (ALU pipe, the busiest);
+        default FMA_SHIFTS.
+    fuse_q : bool, optional
+        Pi q computed by every split CTA (no ``rot_prep`` launch); default FUSE_Q.
 
     Returns
     -------
@@ -227,7 +243,9 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
     if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != torch.float32:
         attn_mask = attn_mask.float()        # the kernel reads fp32 additive masks
     kind, mt, ms = mask_args(attn_mask, q)
-    nw, ns = _config(B, H, LC)
+    nw, ns, minb = _config(B, H, LC)
+    if num_warps and num_warps != nw:
+        minb = MIN_BLOCKS if num_warps <= 4 else 2
     nw = num_warps or nw
     ns = nsplit or ns
     chunk, ns = split_plan(LC, ns, nw)
@@ -240,27 +258,33 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
         raise ValueError(f"stages={nst}: the rotation kernel streams through >= 2 cp.async stages")
     defines = dict(D=D, KB=kb, VB=vb, RR=R, NW=nw, QDT=int(q.dtype == torch.bfloat16), MK=kind,
                    CAUSAL=int(causal), CAUSAL_C=int(causal and T < Tq), CK=ck, BLK=block if ck else 128,
-                   MINB=int(min_blocks or MIN_BLOCKS), STAGES=nst, NSINK=ns_)
-    dyn = dyn_smem(nw, nst, D, kb, vb, nblk)
+                   MINB=int(min_blocks or minb), STAGES=nst, NSINK=ns_,
+                   FMAOFF=int(FMA_SHIFTS if fma_shifts is None else bool(fma_shifts)))
+    fq = FUSE_Q if fuse_q is None else bool(fuse_q)
+    defines["FUSEQ"] = int(fq)
+    dyn = dyn_smem(nw, nst, D, kb, vb, nblk, fq)
     fns = module("rot_decode", defines, KERNELS, q.device)
-    pi, lut = derived(consts)
+    pi, pit, lut = derived(consts)
     BH = B * H
     dev = q.device
-    qr = torch.empty(BH * 8 * D, dtype=torch.float16, device=dev)
-    qrs = torch.empty(BH * 8, dtype=torch.float32, device=dev)
     opart = torch.empty(BH * ns * 8 * D, dtype=torch.float32, device=dev)
     lse = torch.empty(BH * ns * 8, dtype=torch.float32, device=dev)
     out = torch.empty_like(q)
     stream = torch.cuda.current_stream(dev)
     P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-    launch(fns["rot_prep"], (BH, D // 32), (256,),
-           [P(q.data_ptr()), *(I64(s) for s in q.stride()[:3]), P(pi.data_ptr()),
-            P(qr.data_ptr()), P(qrs.data_ptr()), I32(H), I32(G), I32(Tq), I32(M)], stream)
+    if fq:
+        qr = qrs = opart                                  # not read (the split computes Pi q)
+    else:
+        qr = torch.empty(BH * 8 * D, dtype=torch.float16, device=dev)
+        qrs = torch.empty(BH * 8, dtype=torch.float32, device=dev)
+        launch(fns["rot_prep"], (BH, D // 32), (256,),
+               [P(q.data_ptr()), *(I64(s) for s in q.stride()[:3]), P(pi.data_ptr()),
+                P(qr.data_ptr()), P(qrs.data_ptr()), I32(H), I32(G), I32(Tq), I32(M)], stream)
     sc = float(scale) if scale is not None else 1.0 / math.sqrt(D)
     a = _Args(q.data_ptr(), *q.stride()[:3], state[0].data_ptr(), rk.data_ptr(), rv.data_ptr(), *rk.stride()[:3],
               k_new.data_ptr(), v_new.data_ptr(), *k_new.stride()[:3],
               kidx.data_ptr(), kscale.data_ptr(), kmean.data_ptr(), vidx.data_ptr(), vscale.data_ptr(),
-              qr.data_ptr(), qrs.data_ptr(), pi.data_ptr(), lut.data_ptr(), ksink.data_ptr(), vsink.data_ptr(),
+              qr.data_ptr(), qrs.data_ptr(), pi.data_ptr(), pit.data_ptr(), lut.data_ptr(), ksink.data_ptr(), vsink.data_ptr(),
               mt.data_ptr(), *ms,
               opart.data_ptr(), lse.data_ptr(), sc * LOG2E,
               H, G, Tq, T, M, LC, chunk, ns, nblk)

@@ -38,6 +38,9 @@
 #ifndef BLK
 #define BLK 128
 #endif
+#ifndef FUSEQ
+#define FUSEQ 1                 // Pi q computed by each split CTA (Pi^T through shared memory), no rot_prep launch
+#endif
 #ifndef NSINK
 #define NSINK 0                 // exact sink tokens (positions 0 .. NSINK-1: masked here, attended in the combine)
 #endif
@@ -58,6 +61,7 @@ struct Args {
     const u16* qr;          // (BH, 8, D) Pi q / 2^e per row, fp16 (rot_prep)
     const float* qrs;       // (BH, 8) 2^e per row
     const float* pi;        // (D, D) fp32: the combine rotates the partials back
+    const float* pit;       // (D, D) fp32 Pi^T (FUSEQ: the split computes Pi q itself)
     const u32* lut;         // 8 words: key magnitudes (lo bytes 0-3, 4-7, hi bytes 0-3, 4-7), then values'
                             // (the same for 4-bit values; for 3-bit ones lo bytes of cb 0-3, 4-7, hi bytes)
     const u16* ksink; const u16* vsink;   // (B * H, NSINK, D) fp16 exact sink tokens
@@ -73,11 +77,16 @@ struct Args {
 template <u32 S0, u32 S1>
 __device__ __forceinline__ void lut8(u32 x, const u32 (&tb)[4], u32 (&h)[4]) {
     const u32 ng = ~x & 0x88888888u;                 // bit 3 of a nibble: the code is negative
-    const u32 m = (x ^ (ng - (ng >> 3))) & 0x77777777u;
-    const u32 mh = m >> 16;
+#if FMAOFF
+    u32 n7; asm("mul.hi.u32 %0, %1, %2;" : "=r"(n7) : "r"(ng), "r"(0xE0000000u));   // 7 ng / 8 = ng - ng >> 3
+#else
+    const u32 n7 = ng - (ng >> 3);
+#endif
+    const u32 m = (x ^ n7) & 0x77777777u;
+    const u32 mh = shr_(m, 16);
     const u32 la = prmt(tb[0], tb[1], m), lb = prmt(tb[0], tb[1], mh);
     u32 ha = prmt(tb[2], tb[3], m), hb = prmt(tb[2], tb[3], mh);
-    const u32 ng4 = ng << 4;                          // sign of nibble 2i at bit 7 of byte i
+    const u32 ng4 = shl_(ng, 4);                      // sign of nibble 2i at bit 7 of byte i
     ha ^= prmt(ng4, ng, 0x5140) & 0x80808080u;        // byte i <- sign of code i (i = 0..3)
     hb ^= prmt(ng4, ng, 0x7362) & 0x80808080u;        // codes 4..7
     h[0] = prmt(la, ha, S0); h[1] = prmt(la, ha, S1);
@@ -89,7 +98,7 @@ __device__ __forceinline__ void lut8(u32 x, const u32 (&tb)[4], u32 (&h)[4]) {
 // three shift-and-select steps (spread3). 8 codes: 1 SHF + 8 PRMT here, 3 SHF + 4 LOP3 + 1 PRMT before.
 template <u32 S0, u32 S1>
 __device__ __forceinline__ void lut3(u32 x, const u32 (&tb)[4], u32 (&h)[4]) {
-    const u32 xh = x >> 16;
+    const u32 xh = shr_(x, 16);
     const u32 la = prmt(tb[0], tb[1], x), lb = prmt(tb[0], tb[1], xh);
     const u32 ha = prmt(tb[2], tb[3], x), hb = prmt(tb[2], tb[3], xh);
     h[0] = prmt(la, ha, S0); h[1] = prmt(la, ha, S1);
@@ -102,9 +111,9 @@ __device__ __forceinline__ u32 sel(u32 a, u32 b, u32 m) { return (a & m) | (b & 
 // 8 3-bit codes (bits 0-23, 3 i .. 3 i + 2 code i; bits 24-31 zero) -> nibble i = code i (bit 3 zero).
 // Each step leaves garbage only in bits that the next steps drop or the final mask clears.
 __device__ __forceinline__ u32 spread3(u32 x) {
-    x = sel(x, x << 4, 0x00000FFFu);     // codes 4-7 to bits 16-27
-    x = sel(x, x << 2, 0x003F003Fu);     // pairs (2 i, 2 i + 1) to bytes
-    x = sel(x, x << 1, 0x07070707u);     // odd codes to the high nibble
+    x = sel(x, shl_(x, 4), 0x00000FFFu);     // codes 4-7 to bits 16-27
+    x = sel(x, shl_(x, 2), 0x003F003Fu);     // pairs (2 i, 2 i + 1) to bytes
+    x = sel(x, shl_(x, 1), 0x07070707u);     // odd codes to the high nibble
     return x & 0x77777777u;
 }
 
@@ -144,10 +153,48 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
     const int lo = sp * a.chunk;
     const int hi = min(lo + a.chunk, cl);
 
-    extern __shared__ __align__(16) u8 dsm[];       // launcher: max(NW * STAGES * ST_SIZE + nblk * 32, NW * 8 * D * 4)
-    __shared__ __align__(16) u16 qs[8][D];          // Pi q / 2^e, rows >= M are zero (prep)
+    extern __shared__ __align__(16) u8 dsm[];       // launcher: dyn_smem (stages + q'.mu table, merge, FUSEQ: Pi^T)
+    __shared__ __align__(16) u16 qs[8][D];          // Pi q / 2^e, rows >= M are zero
+#if FUSEQ
+    __shared__ float qsc[8];                        // 2^e per row
+    {   // as rot_prep, here: Pi^T (64 KB at D = 128) through the stage buffers, which are not in use yet
+        const float* pis = (const float*)dsm;
+        float* qf = (float*)(dsm + D * D * 4);      // (8, D) q rows in fp32
+        for (int i = threadIdx.x; i < D * D / 4; i += NW * 32) cp16(dsm + 16 * i, a.pit + 4 * i);
+        cp_commit();
+        for (int i = threadIdx.x; i < 8 * D; i += NW * 32) {
+            const int r = i / D, d = i % D;
+            qf[i] = r < a.M ? q2f(a.q[b * a.sqb + (h * a.G + r / a.Tq) * a.sqh + (r % a.Tq) * a.sqt + d]) : 0.f;
+        }
+        __syncthreads();
+        for (int r = warp; r < 8; r += NW) {
+            float ss = 0.f;
+            for (int d = lane; d < D; d += 32) ss += qf[r * D + d] * qf[r * D + d];
+#pragma unroll
+            for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+            // |(Pi q)_e| <= |q|: scaled so the largest possible entry is below 2^14 (fp16 max 65504)
+            if (lane == 0) qsc[r] = ss > 0.f ? exp2f(ceilf(0.5f * log2f(ss)) - 13.f) : 1.f;
+        }
+        cp_wait<0>();
+        __syncthreads();
+        constexpr int NRG = NW * 32 / D;            // row groups: thread (e, rg) does rows rg, rg + NRG, ...
+        const int e = threadIdx.x % D, rg = threadIdx.x / D;
+        float acc[8 / NRG];
+#pragma unroll
+        for (int i = 0; i < 8 / NRG; ++i) acc[i] = 0.f;
+#pragma unroll 8
+        for (int d = 0; d < D; ++d) {
+            const float pv = pis[d * D + e];
+#pragma unroll
+            for (int i = 0; i < 8 / NRG; ++i) acc[i] += pv * qf[(rg + NRG * i) * D + d];
+        }
+#pragma unroll
+        for (int i = 0; i < 8 / NRG; ++i) qs[rg + NRG * i][e] = f2h(acc[i] / qsc[rg + NRG * i]);
+    }
+#else
     for (int i = threadIdx.x; i < 8 * D / 8; i += NW * 32)
         ((uint4*)&qs[0][0])[i] = ((const uint4*)(a.qr + (i64)bh * 8 * D))[i];
+#endif
 #if CK
     // q' . mu_b per block of this split and query row (mu_b: the block's rotated mean key)
     float* qmu = (float*)(dsm + NW * STAGES * ST_SIZE);
@@ -195,7 +242,11 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
         u32 tk[4], tv[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) { tk[i] = a.lut[i]; tv[i] = a.lut[4 + i]; }
+#if FUSEQ
+        const float rs0 = qsc[2 * t] * a.qk_scale, rs1 = qsc[2 * t + 1] * a.qk_scale;
+#else
         const float rs0 = a.qrs[bh * 8 + 2 * t] * a.qk_scale, rs1 = a.qrs[bh * 8 + 2 * t + 1] * a.qk_scale;
+#endif
         const i64 tb = (i64)bh * a.LC;
 #if MK == 1 || MK == 2
         i64 mrow[2];

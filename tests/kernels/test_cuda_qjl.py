@@ -102,7 +102,7 @@ def test_emulated_kernel_scores_match_reference(d, m, mo, o):
 CONFIGS = [dict(D=128, MS=256, MO=128, NO=8, VB=2, VG=32, RR=128, NW=4, QDT=1, MK=3, CAUSAL=0, CAUSAL_C=0),
            dict(D=128, MS=256, MO=128, NO=8, VB=2, VG=32, RR=128, NW=4, QDT=1, MK=4, CAUSAL=0, CAUSAL_C=0, PK=1),
            dict(D=64, MS=128, MO=128, NO=5, VB=4, VG=32, RR=64, NW=4, QDT=0, MK=0, CAUSAL=1, CAUSAL_C=0, PK=1),
-           dict(D=128, MS=512, MO=256, NO=8, VB=2, VG=32, RR=128, NW=4, QDT=0, MK=0, CAUSAL=1, CAUSAL_C=0),
+           dict(D=128, MS=512, MO=256, NO=8, VB=2, VG=32, RR=128, NW=4, QDT=0, MK=0, CAUSAL=1, CAUSAL_C=0, FMAOFF=1),
            dict(D=64, MS=256, MO=128, NO=8, VB=4, VG=32, RR=128, NW=4, QDT=0, MK=1, CAUSAL=0, CAUSAL_C=0),
            dict(D=64, MS=128, MO=0, NO=0, VB=2, VG=32, RR=32, NW=4, QDT=1, MK=2, CAUSAL=0, CAUSAL_C=1),
            dict(D=128, MS=256, MO=128, NO=5, VB=4, VG=64, RR=64, NW=4, QDT=1, MK=4, CAUSAL=0, CAUSAL_C=0)]

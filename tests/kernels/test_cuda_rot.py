@@ -125,6 +125,18 @@ def test_3bit_values_decode_every_code(D):
                     assert got == want, (g, w, hf)
 
 
+def test_shifts_as_multiplies():
+    # FMAOFF=1 (decode_common.cuh shr_ / shl_, lut8's n7): mul.hi / mul.lo by powers of two, and
+    # 7 ng / 8 by mul.hi with 0xE0000000, equal the shifts they replace on every input they get
+    gen = torch.Generator().manual_seed(1)
+    for x in [int(w) for w in torch.randint(0, 2 ** 32, (2000,), generator=gen, dtype=torch.int64)] + [0, M32]:
+        for k in (1, 2, 4, 6, 16):
+            assert (x * (1 << (32 - k))) >> 32 == x >> k
+            assert (x * (1 << k)) & M32 == (x << k) & M32
+        ng = ~x & 0x88888888
+        assert (ng * 0xE0000000) >> 32 == ng - (ng >> 3)
+
+
 def test_spread3_on_every_bit_pattern():
     gen = torch.Generator().manual_seed(0)
     for x in [int(w) for w in torch.randint(0, 2 ** 24, (500,), generator=gen)] + [0xFFFFFF, 0]:
@@ -195,23 +207,26 @@ def _cuobjdump():
     return p
 
 
-CONFIGS = [dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=1, MK=4, CAUSAL=0, CAUSAL_C=0, CK=1, BLK=128, MINB=3, STAGES=3),
-           dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=0, MK=0, CAUSAL=1, CAUSAL_C=0, CK=0, BLK=128, MINB=3, STAGES=3),
+CONFIGS = [dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=1, MK=4, CAUSAL=0, CAUSAL_C=0, CK=1, BLK=128, MINB=3, STAGES=3, FMAOFF=1),
+           dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=0, MK=0, CAUSAL=1, CAUSAL_C=0, CK=0, BLK=128, MINB=3, STAGES=3,
+                FUSEQ=0),
            dict(D=64, KB=4, VB=4, RR=64, NW=4, QDT=1, MK=1, CAUSAL=0, CAUSAL_C=0, CK=1, BLK=64, MINB=3, STAGES=2),
            dict(D=64, KB=4, VB=4, RR=32, NW=4, QDT=0, MK=2, CAUSAL=0, CAUSAL_C=1, CK=1, BLK=32, MINB=3, STAGES=3),
            dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=1, MK=3, CAUSAL=0, CAUSAL_C=0, CK=0, BLK=128, MINB=3, STAGES=3),
            # rotation-k4v3-match: 3-bit values, 4 sinks, centered keys (and its 4-bit first layers)
            dict(D=128, KB=4, VB=3, RR=128, NW=4, QDT=1, MK=4, CAUSAL=0, CAUSAL_C=0, CK=1, BLK=128, MINB=3, STAGES=3,
-                NSINK=4),
+                NSINK=4, FMAOFF=1),
            dict(D=64, KB=4, VB=3, RR=64, NW=4, QDT=0, MK=1, CAUSAL=0, CAUSAL_C=1, CK=1, BLK=64, MINB=3, STAGES=3,
-                NSINK=4),
+                NSINK=4, FMAOFF=1),
+           dict(D=128, KB=4, VB=3, RR=128, NW=8, QDT=1, MK=4, CAUSAL=0, CAUSAL_C=0, CK=1, BLK=128, MINB=2, STAGES=3,
+                NSINK=4, FMAOFF=1),
            dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=1, MK=0, CAUSAL=1, CAUSAL_C=0, CK=1, BLK=128, MINB=3, STAGES=3,
                 NSINK=4)]
 
 
 @nvrtc_ok
 @pytest.mark.parametrize("defines", CONFIGS,
-                         ids=lambda d: f"D{d['D']}v{d['VB']}mk{d['MK']}ck{d['CK']}q{d['QDT']}s{d.get('NSINK', 0)}")
+                         ids=lambda d: f"D{d['D']}v{d['VB']}mk{d['MK']}ck{d['CK']}q{d['QDT']}s{d.get('NSINK', 0)}nw{d['NW']}")
 def test_compiles_for_sm90(defines, tmp_path):
     from qjl_compile.kernels.cuda import compile_source
     path = tmp_path / "k.cubin"
@@ -310,6 +325,47 @@ def test_cuda_attend_matches_reference(case, mask):
     assert torch.isfinite(out).all()
     rel = ((out.float() - want.float()).norm() / want.float().norm()).item()
     assert rel < (1e-2 if dtype == torch.bfloat16 else 4e-3), rel
+
+
+def test_launch_config_rule():
+    # 8 warps per CTA where a split has >= 2048 tokens (B=1 128k, B=16 16k), 4 below (32k)
+    assert cr._config(1, 8, 131072) == (8, 32, 2)
+    assert cr._config(16, 8, 16384)[0] == 8
+    assert cr._config(1, 8, 32768) == (4, 32, cr.MIN_BLOCKS)
+    assert cr._config(1, 8, 4096)[0] == 4
+    assert cr.dyn_smem(4, 3, 128, 4, 3, 0, fuse_q=True) == (128 * 128 + 8 * 128) * 4
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("vb,sink", [(3, 4), (4, 0)])
+@pytest.mark.parametrize("kw", [dict(num_warps=8), dict(fuse_q=False), dict(fma_shifts=False), dict(num_warps=8, fuse_q=False)],
+                         ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
+def test_launch_variants_match_reference(vb, sink, kw):
+    B, H, G, D, L, n = 1, 4, 4, 128, 8192, 7000
+    st, consts, meta, gen = _state(B, H, L, D, 128, 1, n - 1, torch.bfloat16, seed=11, vb=vb, sink=sink)
+    kn = torch.randn(B, H, 1, D, generator=gen, device="cuda").to(torch.bfloat16)
+    vn = torch.randn_like(kn)
+    ref.append_(st, consts, kn, vn, meta)
+    q = (torch.randn(B, H * G, 1, D, generator=gen, device="cuda") * 2).to(torch.bfloat16)
+    out = cr.rotation_attend_cuda(q, st, consts, kn, vn, None, True, None, meta, **kw)
+    want = ref.attend(q, st, consts, kn, vn, None, True, None, meta)
+    assert ((out.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+
+
+@gpu
+@needs_gpu
+def test_eight_warp_default_at_64k():
+    # B=1, H=1, 64k: 32 splits of 2048 tokens, so the default launch takes 8 warps per CTA
+    B, H, G, D, L, n = 1, 1, 4, 128, 65536, 65536
+    assert cr._config(B, H, L)[0] == 8
+    st, consts, meta, gen = _state(B, H, L, D, 128, 1, n - 1, torch.bfloat16, seed=12, vb=3, sink=4)
+    kn = torch.randn(B, H, 1, D, generator=gen, device="cuda").to(torch.bfloat16)
+    ref.append_(st, consts, kn, kn, meta)
+    q = torch.randn(B, H * G, 1, D, generator=gen, device="cuda").to(torch.bfloat16)
+    out = cr.rotation_attend_cuda(q, st, consts, kn, kn, None, True, None, meta)
+    want = ref.attend(q, st, consts, kn, kn, None, True, None, meta)
+    assert ((out.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
 
 
 @gpu
