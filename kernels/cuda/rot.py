@@ -1,10 +1,10 @@
 """Launcher of the CUDA C++ rotation-codec decode attention (kernels/cuda/rot_decode.cu).
 
-Two launches per call, sized from static shapes (CUDA-graph safe, no host sync): ``rot_split`` (one
-CTA per (batch * kv head, split): Pi q per query row in fp16, scaled by a power of two, then each warp
-its own partial softmax over the compressed tokens, values summed in the rotated basis) and
-``rot_combine`` (the partials rotated back by Pi and merged with the exact tokens). With
-``fuse_q=False`` a ``rot_prep`` launch computes Pi q once per (batch * kv head) instead.
+Three launches per call, sized from static shapes (CUDA-graph safe, no host sync): ``rot_prep``
+(Pi q per query row in fp16, scaled by a power of two), ``rot_split`` (one CTA per (batch * kv head,
+split), each warp its own partial softmax over the compressed tokens, values summed in the rotated
+basis) and ``rot_combine`` (the partials rotated back by Pi and merged with the exact tokens). With
+``fuse_q=True`` every split CTA computes Pi q itself and ``rot_prep`` is skipped (measured slower).
 
 Codes become fp16 MMA operands by register lookup, which needs symmetric codebooks (true of the
 Lloyd-Max codebooks of N(0, 1) the codec uses, checked per layer); see rot_decode.cu.
@@ -29,7 +29,7 @@ KEY_BITS = (4,)
 VALUE_BITS = (3, 4)
 MAX_SINK = 64
 FMA_SHIFTS = True
-FUSE_Q = True
+FUSE_Q = False           # fused Pi q: slower (attend-rot-v3.json: 29.2 vs 24.8 us at 4k, 178 vs 166 at B=16 16k)
 _DERIVED: dict = {}
 
 

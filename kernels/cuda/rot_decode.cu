@@ -39,7 +39,7 @@
 #define BLK 128
 #endif
 #ifndef FUSEQ
-#define FUSEQ 1                 // Pi q computed by each split CTA (Pi^T through shared memory), no rot_prep launch
+#define FUSEQ 0                 // 1: Pi q computed by each split CTA (Pi^T through shared memory), no rot_prep launch
 #endif
 #ifndef NSINK
 #define NSINK 0                 // exact sink tokens (positions 0 .. NSINK-1: masked here, attended in the combine)

@@ -209,7 +209,7 @@ def _cuobjdump():
 
 CONFIGS = [dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=1, MK=4, CAUSAL=0, CAUSAL_C=0, CK=1, BLK=128, MINB=3, STAGES=3, FMAOFF=1),
            dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=0, MK=0, CAUSAL=1, CAUSAL_C=0, CK=0, BLK=128, MINB=3, STAGES=3,
-                FUSEQ=0),
+                FUSEQ=1),
            dict(D=64, KB=4, VB=4, RR=64, NW=4, QDT=1, MK=1, CAUSAL=0, CAUSAL_C=0, CK=1, BLK=64, MINB=3, STAGES=2),
            dict(D=64, KB=4, VB=4, RR=32, NW=4, QDT=0, MK=2, CAUSAL=0, CAUSAL_C=1, CK=1, BLK=32, MINB=3, STAGES=3),
            dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=1, MK=3, CAUSAL=0, CAUSAL_C=0, CK=0, BLK=128, MINB=3, STAGES=3),
