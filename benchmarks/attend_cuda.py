@@ -149,8 +149,10 @@ def parse_variants(text):
                 kw["fma_shifts"] = bool(int(val))
             elif key == "fq":
                 kw["fuse_q"] = bool(int(val))
+            elif key == "ki":
+                kw["key_int8"] = bool(int(val))
             else:
-                raise SystemExit(f"unknown variant key {key!r} (nw, ns, st, sqsmem, minb, pk, fo, fq)")
+                raise SystemExit(f"unknown variant key {key!r} (nw, ns, st, sqsmem, minb, pk, fo, fq, ki)")
         variants.append((v, kw))
     return variants
 

@@ -37,7 +37,7 @@ def _codec_setup(cfg: QJLConfig, layer_idx: int, d: int):
         from .kernels import rotation as rot
         kb, vb = cfg.rotation_bits(layer_idx)
         ub = int(cfg.rotation_unbiased)
-        consts = rot.make_consts(d, kb, vb, ub, cfg.seed, layer_idx)
+        consts = rot.make_consts(d, kb, vb, ub, cfg.seed, layer_idx, key_grid=cfg.rotation_key_grid)
         from .config import ROTATION_CENTERS
         params = [kb, vb, ub, rot.SCALE_MODES[cfg.rotation_scale], cfg.sink_tokens,
                   ROTATION_CENTERS[cfg.rotation_center], cfg.residual]  # centering block = R

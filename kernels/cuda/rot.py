@@ -60,10 +60,27 @@ def lut_words(cb: torch.Tensor) -> list[int] | str:
     return [_word(lo[:4]), _word(lo[4:]), _word(hi[:4]), _word(hi[4:])]
 
 
+def int8_words(cb: torch.Tensor) -> tuple[list[int], float] | str:
+    """KI8's 2 table words and grid step of a 16-entry key codebook on the grid of
+    `rotation.grid_codebook`, or why the int8 path cannot take it. Byte i of the table is the u8 level
+    P_i = cb_i / s + 63.5 of code i < 8, XOR 0x80 (rot_decode.cu lut_i8 XORs it back, or with 0xFF for
+    code 15 - i: the negation 127 - P_i)."""
+    if cb.numel() != 16:
+        return f"a {cb.numel()}-entry key codebook (the int8 path decodes 4-bit keys)"
+    s = rot.grid_step(cb)
+    if s is None:
+        return ("a key codebook off the int8 grid (QJLConfig(rotation_key_grid=True) puts 4-bit keys on it); "
+                "the fp16 path runs instead")
+    p = [int(round(float(v) / s + rot.GRID_HALF)) for v in cb.detach().double().cpu()[:8]]
+    u = [v ^ 0x80 for v in p]
+    return [_word(u[:4]), _word(u[4:])], s
+
+
 def derived(consts):
-    """(Pi fp32 contiguous, Pi^T fp32 contiguous, lut int32 (8,)) of a layer's consts, cached per
-    Pi/codebook storage (the second element is the reason instead, when the kernel cannot take it).
-    `prepare` fills it when a layer is allocated, outside any CUDA-graph capture."""
+    """(Pi fp32 contiguous, Pi^T fp32 contiguous, lut int32 (11,), key grid step s or None) of a layer's
+    consts, cached per Pi/codebook storage (the second element is the reason instead, when the kernel
+    cannot take it; s None: the int8 key path cannot, the fp16 one runs). `prepare` fills it when a
+    layer is allocated, outside any CUDA-graph capture."""
     Pi, cbk, cbv = consts[0], consts[1], consts[2]
     key = (Pi.data_ptr(), cbk.data_ptr(), cbv.data_ptr(), Pi.device)
     hit = _DERIVED.get(key)
@@ -71,11 +88,14 @@ def derived(consts):
         return hit[1]
     wk, wv = lut_words(cbk), lut_words(cbv)
     if isinstance(wk, str) or isinstance(wv, str):
-        val = (None, wk if isinstance(wk, str) else wv, None)
+        val = (None, wk if isinstance(wk, str) else wv, None, None)
     else:
-        words = [w - (1 << 32) if w >= 1 << 31 else w for w in wk + wv]
+        w8 = int8_words(cbk)
+        step = None if isinstance(w8, str) else w8[1]
+        words = wk + wv + ([0, 0] if step is None else w8[0]) + [0x80808080]
+        words = [w - (1 << 32) if w >= 1 << 31 else w for w in words]
         pf = Pi.detach().float()
-        val = (pf.contiguous(), pf.t().contiguous(), torch.tensor(words, dtype=torch.int32, device=Pi.device))
+        val = (pf.contiguous(), pf.t().contiguous(), torch.tensor(words, dtype=torch.int32, device=Pi.device), step)
     _DERIVED[key] = ((Pi, cbk, cbv), val)
     return val
 
@@ -91,7 +111,9 @@ class _Args(ctypes.Structure):
                 + [(f"sr{c}", ctypes.c_int64) for c in "bht"]
                 + [("kn", ctypes.c_void_p), ("vn", ctypes.c_void_p)] + [(f"sn{c}", ctypes.c_int64) for c in "bht"]
                 + [(f, ctypes.c_void_p) for f in ("kidx", "kscale", "kmean", "vidx", "vscale", "qr", "qrs", "pi",
-                                                  "pit", "lut", "ksink", "vsink", "mask")]
+                                                  "pit", "lut", "qi", "qsig")]
+                + [("kstep", ctypes.c_float)]
+                + [(f, ctypes.c_void_p) for f in ("ksink", "vsink", "mask")]
                 + [(f"sm{c}", ctypes.c_int64) for c in "bhtl"]
                 + [("opart", ctypes.c_void_p), ("lse", ctypes.c_void_p), ("qk_scale", ctypes.c_float)]
                 + [(f, ctypes.c_int32) for f in ("H", "G", "Tq", "T", "M", "LC", "chunk", "nsplit", "nblk")])
@@ -170,7 +192,8 @@ def _config(B, H, LC):
 
 
 def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, scale=None, meta=None,
-                         nsplit=None, num_warps=None, min_blocks=None, stages=None, fma_shifts=None, fuse_q=None):
+                         nsplit=None, num_warps=None, min_blocks=None, stages=None, fma_shifts=None, fuse_q=None,
+                         key_int8=None):
     """Fused rotation-codec decode attention, CUDA C++ (semantics of kernels.reference.attend).
 
     Parameters
@@ -194,7 +217,10 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
         The lookups' shifts as integer multiplies (FMA pipe) instead of SHF (ALU pipe, the busiest);
         default FMA_SHIFTS.
     fuse_q : bool, optional
-        Pi q computed by every split CTA (no ``rot_prep`` launch); default FUSE_Q.
+        Pi q computed by every split CTA (no ``rot_prep`` launch); default FUSE_Q (the fp16 key path).
+    key_int8 : bool, optional
+        Keys on int8 MMAs (needs a key codebook on the grid, ``rotation_key_grid``); default: wherever
+        the codebook allows it. True with a codebook off the grid raises Unsupported.
 
     Returns
     -------
@@ -262,9 +288,15 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
                    FMAOFF=int(FMA_SHIFTS if fma_shifts is None else bool(fma_shifts)))
     fq = FUSE_Q if fuse_q is None else bool(fuse_q)
     defines["FUSEQ"] = int(fq)
+    pi, pit, lut, kstep = derived(consts)
+    ki8 = kstep is not None and not fq if key_int8 is None else bool(key_int8)
+    if ki8 and kstep is None:
+        raise Unsupported(f"key_int8=True: {int8_words(consts[1])}")
+    if ki8 and fq:
+        raise Unsupported("key_int8=True with fuse_q=True: the fused Pi q feeds the fp16 key path only")
+    defines.update(KI8=int(ki8), PK=int(ki8 and M <= 4))
     dyn = dyn_smem(nw, nst, D, kb, vb, nblk, fq)
     fns = module("rot_decode", defines, KERNELS, q.device)
-    pi, pit, lut = derived(consts)
     BH = B * H
     dev = q.device
     opart = torch.empty(BH * ns * 8 * D, dtype=torch.float32, device=dev)
@@ -272,19 +304,25 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
     out = torch.empty_like(q)
     stream = torch.cuda.current_stream(dev)
     P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    qi = qsig = lse                                       # not read without KI8
     if fq:
         qr = qrs = opart                                  # not read (the split computes Pi q)
     else:
         qr = torch.empty(BH * 8 * D, dtype=torch.float16, device=dev)
         qrs = torch.empty(BH * 8, dtype=torch.float32, device=dev)
+        if ki8:
+            qi = torch.empty(BH * 16 * D, dtype=torch.int8, device=dev)
+            qsig = torch.empty(BH * 8, dtype=torch.float32, device=dev)
         launch(fns["rot_prep"], (BH, D // 32), (256,),
                [P(q.data_ptr()), *(I64(s) for s in q.stride()[:3]), P(pi.data_ptr()),
-                P(qr.data_ptr()), P(qrs.data_ptr()), I32(H), I32(G), I32(Tq), I32(M)], stream)
+                P(qr.data_ptr()), P(qrs.data_ptr()), I32(H), I32(G), I32(Tq), I32(M),
+                P(qi.data_ptr()), P(qsig.data_ptr())], stream)
     sc = float(scale) if scale is not None else 1.0 / math.sqrt(D)
     a = _Args(q.data_ptr(), *q.stride()[:3], state[0].data_ptr(), rk.data_ptr(), rv.data_ptr(), *rk.stride()[:3],
               k_new.data_ptr(), v_new.data_ptr(), *k_new.stride()[:3],
               kidx.data_ptr(), kscale.data_ptr(), kmean.data_ptr(), vidx.data_ptr(), vscale.data_ptr(),
-              qr.data_ptr(), qrs.data_ptr(), pi.data_ptr(), pit.data_ptr(), lut.data_ptr(), ksink.data_ptr(), vsink.data_ptr(),
+              qr.data_ptr(), qrs.data_ptr(), pi.data_ptr(), pit.data_ptr(), lut.data_ptr(), qi.data_ptr(),
+              qsig.data_ptr(), float(kstep or 0.0), ksink.data_ptr(), vsink.data_ptr(),
               mt.data_ptr(), *ms,
               opart.data_ptr(), lse.data_ptr(), sc * LOG2E,
               H, G, Tq, T, M, LC, chunk, ns, nblk)

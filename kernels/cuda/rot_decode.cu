@@ -19,6 +19,14 @@
 //     16-byte load per token, and the B operand (Pi q, fp16, in shared memory) in natural order.
 //   * values: out'^T (D x rows) += V'^T P^T as in the QJL kernel; the per-token scale b_j goes into P
 //     (4 FMULs per tile) instead of into every element.
+//   * KI8 (4-bit keys whose codebook is on the half-integer grid s (k + 1/2), kernels/rotation.py
+//     grid_codebook): keys on int8 m16n8k32 MMAs instead. A code becomes the u8 level B = cb / s + 63.5
+//     by one PRMT per 4 codes from the 8 levels of codes 0-7, and the other half (code c >= 8, the
+//     negation of code 15 - c) by XOR 0x7F, whose mask a sign-mode PRMT makes from bit 3 of the code:
+//     8 ALU ops per 8 codes against lut8's 14, one byte per code (no lo/hi interleave), half the MMAs
+//     per channel. Pi q is a 16-bit fixed-point number in two s8 digits (rot_prep); with <= 4 query
+//     rows the 8 MMA columns hold both digits of every row (PK), so one MMA per 32 channels. The
+//     offset 63.5 comes back exactly in int32: sum_c (B_c - 63.5) Q_c = (2 sum_c B_c Q_c - 127 sum_c Q_c) / 2.
 // One CTA per (batch * kv head, split), each warp its own 32-token groups through a cp.async ring.
 
 #include "decode_common.cuh"
@@ -41,6 +49,12 @@
 #ifndef FUSEQ
 #define FUSEQ 0                 // 1: Pi q computed by each split CTA (Pi^T through shared memory), no rot_prep launch
 #endif
+#ifndef KI8
+#define KI8 0                   // 1: keys on int8 MMAs (grid codebook, lut_i8)
+#endif
+#ifndef PK
+#define PK 0                    // KI8 with <= 4 query rows: both digits of Pi q in one MMA's 8 columns
+#endif
 #ifndef NSINK
 #define NSINK 0                 // exact sink tokens (positions 0 .. NSINK-1: masked here, attended in the combine)
 #endif
@@ -62,8 +76,12 @@ struct Args {
     const float* qrs;       // (BH, 8) 2^e per row
     const float* pi;        // (D, D) fp32: the combine rotates the partials back
     const float* pit;       // (D, D) fp32 Pi^T (FUSEQ: the split computes Pi q itself)
-    const u32* lut;         // 8 words: key magnitudes (lo bytes 0-3, 4-7, hi bytes 0-3, 4-7), then values'
-                            // (the same for 4-bit values; for 3-bit ones lo bytes of cb 0-3, 4-7, hi bytes)
+    const u32* lut;         // 11 words: key magnitudes (lo bytes 0-3, 4-7, hi bytes 0-3, 4-7), then values'
+                            // (the same for 4-bit values; for 3-bit ones lo bytes of cb 0-3, 4-7, hi bytes),
+                            // then KI8's u8 key levels of codes 0-7, XOR 0x80 (bytes 0-3, 4-7), 0x80808080
+    const signed char* qi;  // KI8: (BH, 16, D) s8 digits of Q = round(Pi q / sigma): hi rows 0-7, lo rows 0-7
+    const float* qsig;      // KI8: (BH, 8) sigma per row (0 for rows >= M)
+    float kstep;            // KI8: the key codebook's grid step s
     const u16* ksink; const u16* vsink;   // (B * H, NSINK, D) fp16 exact sink tokens
     const void* mask; i64 smb, smh, smt, sml;
     float* opart; float* lse;
@@ -103,6 +121,23 @@ __device__ __forceinline__ void lut3(u32 x, const u32 (&tb)[4], u32 (&h)[4]) {
     const u32 ha = prmt(tb[2], tb[3], x), hb = prmt(tb[2], tb[3], xh);
     h[0] = prmt(la, ha, S0); h[1] = prmt(la, ha, S1);
     h[2] = prmt(lb, hb, S0); h[3] = prmt(lb, hb, S1);
+}
+
+// KI8: 8 4-bit key codes (nibbles of x) -> 8 u8 levels, o[0] codes 0-3, o[1] codes 4-7. Code c < 8 is
+// level P[c] (table byte P[c] ^ 0x80, XOR 0x80 back); code c >= 8 is the negation of code 15 - c, i.e.
+// 127 - P[15 - c] = (table byte of 15 - c) ^ 0xFF. The XOR mask is 0x80 or 0xFF by a sign-mode PRMT
+// (selector bit 3 set: the selected byte's sign replicated) on the raw code; sg = 0x80808080 comes from
+// memory (lut[10]) so that ptxas keeps it in one register instead of re-materializing it per PRMT.
+__device__ __forceinline__ void lut_i8(u32 x, u32 t0, u32 t1, u32 sg, u32 (&o)[2]) {
+    const u32 ps = x & 0x88888888u;                  // bit 3: code >= 8, looked up as 15 - c = c ^ 15
+#if FMAOFF
+    u32 n7; asm("mul.hi.u32 %0, %1, %2;" : "=r"(n7) : "r"(ps), "r"(0xE0000000u));
+#else
+    const u32 n7 = ps - (ps >> 3);
+#endif
+    const u32 m = (x ^ n7) & 0x77777777u;
+    o[0] = prmt(t0, t1, m) ^ prmt(sg, sg, x);
+    o[1] = prmt(t0, t1, shr_(m, 16)) ^ prmt(sg, sg, shr_(x, 16));
 }
 
 // (a & m) | (b & ~m): one LOP3
@@ -232,6 +267,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
     for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 
     if (lo + warp * 32 < hi) {
+#if !KI8
         // B operand of the key MMAs for the whole split: row g, channels CPT t + 4 ks + (0, 1) / (2, 3)
         u32 bq[NK][2];
 #pragma unroll
@@ -239,9 +275,57 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
             const uint2 v = *(const uint2*)&qs[g][CPT * t + 4 * ks];
             bq[ks][0] = v.x; bq[ks][1] = v.y;
         }
+#endif
+#if KI8
+        // B operand of the int8 key MMAs: column g's digits at channels CPT t + 8 w + 0..7 (k-step w);
+        // PK: columns 0-3 the hi digits of rows 0-3, columns 4-7 their lo digits
+        u32 bi[D / 32][2];
+#if PK
+        const signed char* qd = a.qi + ((i64)bh * 16 + (g < 4 ? g : g + 4)) * D + CPT * t;
+#else
+        const signed char* qd = a.qi + ((i64)bh * 16 + g) * D + CPT * t;
+        u32 bl[D / 32][2];
+#endif
+        int cs = 0, csl = 0;
+#pragma unroll
+        for (int w = 0; w < D / 32; ++w) {
+            const uint2 v = *(const uint2*)(qd + 8 * w);
+            bi[w][0] = v.x; bi[w][1] = v.y;
+            cs = __dp4a((int)v.x, 0x01010101, cs); cs = __dp4a((int)v.y, 0x01010101, cs);
+#if !PK
+            const uint2 vl = *(const uint2*)(qd + 8 * D + 8 * w);
+            bl[w][0] = vl.x; bl[w][1] = vl.y;
+            csl = __dp4a((int)vl.x, 0x01010101, csl); csl = __dp4a((int)vl.y, 0x01010101, csl);
+#endif
+        }
+#pragma unroll
+        for (int o = 1; o <= 2; o <<= 1) {
+            cs += __shfl_xor_sync(0xffffffffu, cs, o);
+            csl += __shfl_xor_sync(0xffffffffu, csl, o);
+        }
+        // 127 sum_c Q_c of rows 2t, 2t + 1 (the u8 levels' offset 63.5, removed in int32)
+        int kof[2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+#if PK
+            const int r = (2 * t + j) & 3;
+            kof[j] = 127 * (256 * __shfl_sync(0xffffffffu, cs, 4 * r) + __shfl_sync(0xffffffffu, cs, 4 * (r + 4)));
+#else
+            const int r = 2 * t + j;
+            kof[j] = 127 * (256 * __shfl_sync(0xffffffffu, cs, 4 * r) + __shfl_sync(0xffffffffu, csl, 4 * r));
+#endif
+        }
+        const float ri0 = a.qsig[bh * 8 + 2 * t] * (0.5f * a.kstep) * a.qk_scale;
+        const float ri1 = a.qsig[bh * 8 + 2 * t + 1] * (0.5f * a.kstep) * a.qk_scale;
+        const u32 tk0 = a.lut[8], tk1 = a.lut[9], sg = a.lut[10];
+        u32 tv[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) tv[i] = a.lut[4 + i];
+#else
         u32 tk[4], tv[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) { tk[i] = a.lut[i]; tv[i] = a.lut[4 + i]; }
+#endif
 #if FUSEQ
         const float rs0 = qsc[2 * t] * a.qk_scale, rs1 = qsc[2 * t + 1] * a.qk_scale;
 #else
@@ -306,6 +390,35 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
                 u32 kg[KW], k8[KW];
                 load_words<KW>(kg, G_K + (16 * tt + g) * (D * KB / 8) + 4 * KW * t);
                 load_words<KW>(k8, G_K + (16 * tt + g + 8) * (D * KB / 8) + 4 * KW * t);
+#if KI8
+                int ci[4] = {0, 0, 0, 0};
+#if !PK
+                int cl[4] = {0, 0, 0, 0};
+#endif
+#pragma unroll
+                for (int w = 0; w < KW; ++w) {       // word w: channels CPT t + 8 w + 0..7 = k 4t.. and 16 + 4t..
+                    u32 x0[2], x8[2];
+                    lut_i8(kg[w], tk0, tk1, sg, x0);
+                    lut_i8(k8[w], tk0, tk1, sg, x8);
+                    mma_us(ci, x0[0], x8[0], x0[1], x8[1], bi[w][0], bi[w][1]);
+#if !PK
+                    mma_us(cl, x0[0], x8[0], x0[1], x8[1], bl[w][0], bl[w][1]);
+#endif
+                }
+                float c[4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+#if PK
+                    // lanes t = 2, 3 hold the lo digits of rows 0-3; they stand for the padding rows 4-7,
+                    // whose sigma is 0, so what they compute here is multiplied by 0
+                    const int o = __shfl_xor_sync(0xffffffffu, ci[e], 2);
+#else
+                    const int o = cl[e];
+#endif
+                    c[e] = (float)(512 * ci[e] + (2 * o - kof[e & 1]));   // 2 sum_c B_c Q_c - 127 sum_c Q_c
+                }
+                const float q0 = ri0, q1 = ri1;
+#else
                 float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
                 for (int w = 0; w < KW; ++w) {
@@ -315,6 +428,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
                     mma_h16(c, x0[0], x8[0], x0[1], x8[1], bq[2 * w][0], bq[2 * w][1]);
                     mma_h16(c, x0[2], x8[2], x0[3], x8[3], bq[2 * w + 1][0], bq[2 * w + 1][1]);
                 }
+                const float q0 = rs0, q1 = rs1;
+#endif
                 const int p = g0 + 16 * tt;
                 const float a0 = h2f(G_KS[16 * tt + g]), a8 = h2f(G_KS[16 * tt + g + 8]);
 #if CK
@@ -322,10 +437,10 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
 #else
                 const float mu0 = 0.f, mu1 = 0.f;
 #endif
-                s[tt][0] = c[0] * a0 * rs0 + mu0;
-                s[tt][1] = c[1] * a0 * rs1 + mu1;
-                s[tt][2] = c[2] * a8 * rs0 + mu0;
-                s[tt][3] = c[3] * a8 * rs1 + mu1;
+                s[tt][0] = c[0] * a0 * q0 + mu0;
+                s[tt][1] = c[1] * a0 * q1 + mu1;
+                s[tt][2] = c[2] * a8 * q0 + mu0;
+                s[tt][3] = c[3] * a8 * q1 + mu1;
 #if MK == 3 || MK == 4
 #pragma unroll
                 for (int e2 = 0; e2 < 2; ++e2) {
@@ -406,7 +521,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
 // precision for any q, written (BH, 8, D) fp16 with 2^e in qrs. Grid (B * H, D / 32), 256 threads:
 // warp r = row r, lane = output channel 32 c + lane; Pi's 32 rows of the chunk through shared memory.
 extern "C" __global__ void __launch_bounds__(256) rot_prep(
-        const u16* q, i64 sqb, i64 sqh, i64 sqt, const float* pi, u16* qr, float* qrs, int H, int G, int Tq, int M) {
+        const u16* q, i64 sqb, i64 sqh, i64 sqt, const float* pi, u16* qr, float* qrs, int H, int G, int Tq, int M,
+        signed char* qi, float* qsig) {
     const int bh = blockIdx.x, c = blockIdx.y, b = bh / H, h = bh % H;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     __shared__ float qv[8][D];
@@ -436,6 +552,15 @@ extern "C" __global__ void __launch_bounds__(256) rot_prep(
     const float acc = (acc4[0] + acc4[1]) + (acc4[2] + acc4[3]);
     qr[((i64)bh * 8 + warp) * D + c * 32 + lane] = f2h(acc / sc);
     if (c == 0 && lane == 0) qrs[bh * 8 + warp] = sc;
+#if KI8
+    // Q = round(Pi q / sigma), |Q| <= 32000 since |(Pi q)_e| <= |q|; digits Q = 256 hi + lo, lo in [-128, 127]
+    const float sig = ss > 0.f ? sqrtf(ss) * (1.f / 32000.f) : 0.f;
+    const int Q = ss > 0.f ? __float2int_rn(acc / sig) : 0;
+    const int hd = (Q + 128) >> 8;
+    qi[((i64)bh * 16 + warp) * D + c * 32 + lane] = (signed char)hd;
+    qi[((i64)bh * 16 + 8 + warp) * D + c * 32 + lane] = (signed char)(Q - 256 * hd);
+    if (c == 0 && lane == 0) qsig[bh * 8 + warp] = sig;
+#endif
 }
 
 // Per (b, kv head, query row): the exact tokens (ring + new) merged with the split partials, which

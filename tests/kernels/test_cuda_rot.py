@@ -172,6 +172,70 @@ def test_key_fragments_cover_every_channel_once(D):
                 == list(range(cpt * t + 8 * w, cpt * t + 8 * w + 8))
 
 
+def lut_i8(x, t0, t1, sg=0x80808080):
+    """rot_decode.cu lut_i8, op for op."""
+    ps = x & 0x88888888
+    m = (x ^ ((ps - (ps >> 3)) & M32)) & 0x77777777
+    return [prmt(t0, t1, m) ^ prmt(sg, sg, x), prmt(t0, t1, m >> 16) ^ prmt(sg, sg, x >> 16)]
+
+
+def test_grid_codebook():
+    g = rot.grid_codebook(4)
+    s = rot.grid_step(g)
+    assert s is not None and abs(s - 0.04516) < 1e-4
+    u = g.double() / s
+    assert float((u - 0.5 - (u - 0.5).round()).abs().max()) < 1e-4 and float(u.abs().max()) <= rot.GRID_HALF + 1e-4
+    assert torch.equal(g, -g.flip(0)) and bool((g[1:] > g[:-1]).all())
+    # the MSE it costs, against the exact centroids: +0.44% (nearest-level quantizer of N(0, 1))
+    assert 1.0 < rot._mse(g.tolist()) / rot.codebook_mse(4) < 1.006
+    assert abs(rot._mse(rot.codebook(4).tolist()) - rot.codebook_mse(4)) < 1e-9
+    assert rot.grid_step(rot.codebook(4)) is None           # the exact centroids are off the grid
+    assert torch.equal(rot.make_consts(64, 4, 3, 0, 0, 0)[1], g)
+    assert torch.equal(rot.make_consts(64, 4, 3, 0, 0, 0, key_grid=False)[1], rot.codebook(4))
+    assert torch.equal(rot.make_consts(64, 3, 3, 0, 0, 0)[1], rot.codebook(3))   # only 4-bit keys move
+
+
+def test_int8_lookup_decodes_every_code():
+    # KI8: every code of every nibble position -> the u8 level cb / s + 63.5 (codes >= 8 by the XOR)
+    g = rot.grid_codebook(4)
+    w8 = cr.int8_words(g)
+    assert not isinstance(w8, str), w8
+    (t0, t1), s = w8
+    lv = [int(round(float(c) / s + rot.GRID_HALF)) for c in g.double()]
+    assert all(0 <= v <= 127 for v in lv) and [127 - v for v in lv] == lv[::-1]
+    gen = torch.Generator().manual_seed(3)
+    words = [int(w) for w in torch.randint(0, 2 ** 32, (300,), generator=gen, dtype=torch.int64)]
+    words += [0x76543210, 0xFEDCBA98, 0, M32]
+    for x in words:
+        codes = [(x >> (4 * i)) & 15 for i in range(8)]
+        o = lut_i8(x, t0, t1)
+        got = [(o[i // 4] >> (8 * (i % 4))) & 0xFF for i in range(8)]
+        assert got == [lv[c] for c in codes], hex(x)
+    assert "off the int8 grid" in cr.int8_words(rot.codebook(4))
+    assert "8-entry" in cr.int8_words(rot.codebook(3))
+
+
+def test_int8_query_digits_and_offset_are_exact():
+    # rot_prep's digits Q = 256 hi + lo (hi, lo s8) and the split's int32 score
+    # 512 sum B hi + 2 sum B lo - 127 sum Q = 2 sum (B - 63.5) Q, at the extremes of every range
+    gen = torch.Generator().manual_seed(4)
+    for trial in range(50):
+        Q = torch.randint(-32000, 32001, (128,), generator=gen, dtype=torch.int64)
+        if trial == 0:
+            Q[:64], Q[64:] = 32000, -32000
+        hi = torch.div(Q + 128, 256, rounding_mode="floor")
+        lo = Q - 256 * hi
+        assert int(lo.min()) >= -128 and int(lo.max()) <= 127 and int(hi.abs().max()) <= 127
+        B = torch.randint(0, 128, (128,), generator=gen, dtype=torch.int64)
+        if trial == 0:
+            B[:] = 127
+        s_hi, s_lo = int((B * hi).sum()), int((B * lo).sum())
+        val = 512 * s_hi + (2 * s_lo - 127 * int(Q.sum()))
+        assert val == int(((2 * B - 127) * Q).sum())
+        for v in (s_hi * 512, 2 * s_lo - 127 * int(Q.sum()), val, 2 * (256 * s_hi + s_lo)):
+            assert abs(v) < 2 ** 31           # every int32 intermediate of the kernel
+
+
 def test_asymmetric_codebook_is_refused():
     cb = rot.codebook(4).clone()
     cb[0] -= 0.01
@@ -221,12 +285,20 @@ CONFIGS = [dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=1, MK=4, CAUSAL=0, CAUSAL_C
            dict(D=128, KB=4, VB=3, RR=128, NW=8, QDT=1, MK=4, CAUSAL=0, CAUSAL_C=0, CK=1, BLK=128, MINB=2, STAGES=3,
                 NSINK=4, FMAOFF=1),
            dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=1, MK=0, CAUSAL=1, CAUSAL_C=0, CK=1, BLK=128, MINB=3, STAGES=3,
-                NSINK=4)]
+                NSINK=4),
+           # keys on int8 MMAs (grid codebook): both digits in one MMA (<= 4 rows), or two
+           dict(D=128, KB=4, VB=3, RR=128, NW=8, QDT=1, MK=0, CAUSAL=0, CAUSAL_C=0, CK=1, BLK=128, MINB=2, STAGES=3,
+                NSINK=4, FMAOFF=1, KI8=1, PK=1),
+           dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=0, MK=2, CAUSAL=0, CAUSAL_C=0, CK=0, BLK=128, MINB=3, STAGES=3,
+                FMAOFF=1, KI8=1, PK=0),
+           dict(D=64, KB=4, VB=3, RR=64, NW=4, QDT=1, MK=1, CAUSAL=0, CAUSAL_C=1, CK=1, BLK=64, MINB=3, STAGES=3,
+                NSINK=4, FMAOFF=0, KI8=1, PK=1)]
 
 
 @nvrtc_ok
 @pytest.mark.parametrize("defines", CONFIGS,
-                         ids=lambda d: f"D{d['D']}v{d['VB']}mk{d['MK']}ck{d['CK']}q{d['QDT']}s{d.get('NSINK', 0)}nw{d['NW']}")
+                         ids=lambda d: f"D{d['D']}v{d['VB']}mk{d['MK']}ck{d['CK']}q{d['QDT']}s{d.get('NSINK', 0)}nw{d['NW']}"
+                                       f"i{d.get('KI8', 0)}{d.get('PK', 0)}")
 def test_compiles_for_sm90(defines, tmp_path):
     from qjl_compile.kernels.cuda import compile_source
     path = tmp_path / "k.cubin"
@@ -238,6 +310,7 @@ def test_compiles_for_sm90(defines, tmp_path):
     sass = subprocess.run([_cuobjdump(), "-sass", "-fun", "rot_split", str(path)], capture_output=True,
                           text=True, check=True).stdout
     assert "HMMA" in sass and "MOVM" in sass and "PRMT" in sass, "the MMA/lookup path is not in the machine code"
+    assert ("IMMA" in sass) == bool(defines.get("KI8")), "keys on int8 MMAs exactly with KI8"
 
 
 @pytest.mark.parametrize("D,kb,vb", [(128, 4, 4), (64, 4, 4), (128, 4, 3), (64, 4, 3)])
@@ -259,10 +332,10 @@ def test_stage_bytes_match_the_kernel_layout(D, kb, vb):
 # ---------------------------------------------------------------------------------------------
 # GPU: kernel vs reference
 # ---------------------------------------------------------------------------------------------
-def _state(B, H, L, D, R, center, n, dtype, seed, vb=4, sink=0):
+def _state(B, H, L, D, R, center, n, dtype, seed, vb=4, sink=0, key_grid=True):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     params = [4, vb, 0, 1, sink, center, R]
-    consts = [c.cuda() for c in rot.make_consts(D, 4, vb, 0, seed, 0)]
+    consts = [c.cuda() for c in rot.make_consts(D, 4, vb, 0, seed, 0, key_grid=key_grid)]
     meta = [2, R, L, *params]
     st = ref.make_state(ref.CODECS[2], B, H, L, D, R, consts, params, dtype, torch.float16, "cuda")
     scale = torch.linspace(0.3, 2.5, D, device="cuda")
@@ -339,15 +412,23 @@ def test_launch_config_rule():
 @gpu
 @needs_gpu
 @pytest.mark.parametrize("vb,sink", [(3, 4), (4, 0)])
-@pytest.mark.parametrize("kw", [dict(num_warps=8), dict(fuse_q=False), dict(fma_shifts=False), dict(num_warps=8, fuse_q=False)],
+@pytest.mark.parametrize("kw", [dict(num_warps=8), dict(fuse_q=True), dict(fma_shifts=False), dict(num_warps=8, fuse_q=False),
+                                dict(key_int8=False), dict(key_int8=False, num_warps=8), dict(exact_codebook=True)],
                          ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
 def test_launch_variants_match_reference(vb, sink, kw):
     B, H, G, D, L, n = 1, 4, 4, 128, 8192, 7000
-    st, consts, meta, gen = _state(B, H, L, D, 128, 1, n - 1, torch.bfloat16, seed=11, vb=vb, sink=sink)
+    kw = dict(kw)
+    exact = kw.pop("exact_codebook", False)               # Lloyd-Max centroids off the grid: the fp16 key path
+    st, consts, meta, gen = _state(B, H, L, D, 128, 1, n - 1, torch.bfloat16, seed=11, vb=vb, sink=sink,
+                                   key_grid=not exact)
     kn = torch.randn(B, H, 1, D, generator=gen, device="cuda").to(torch.bfloat16)
     vn = torch.randn_like(kn)
     ref.append_(st, consts, kn, vn, meta)
     q = (torch.randn(B, H * G, 1, D, generator=gen, device="cuda") * 2).to(torch.bfloat16)
+    if exact:
+        assert cr.derived(consts)[3] is None
+        with pytest.raises(Unsupported, match="off the int8 grid"):
+            cr.rotation_attend_cuda(q, st, consts, kn, vn, None, True, None, meta, key_int8=True)
     out = cr.rotation_attend_cuda(q, st, consts, kn, vn, None, True, None, meta, **kw)
     want = ref.attend(q, st, consts, kn, vn, None, True, None, meta)
     assert ((out.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
