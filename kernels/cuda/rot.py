@@ -6,8 +6,12 @@ split), each warp its own partial softmax over the compressed tokens, values sum
 basis) and ``rot_combine`` (the partials rotated back by Pi and merged with the exact tokens). With
 ``fuse_q=True`` every split CTA computes Pi q itself and ``rot_prep`` is skipped (measured slower).
 
-Codes become fp16 MMA operands by register lookup, which needs symmetric codebooks (true of the
-Lloyd-Max codebooks of N(0, 1) the codec uses, checked per layer); see rot_decode.cu.
+Codes become MMA operands by register lookup, which needs symmetric codebooks (true of the
+Lloyd-Max codebooks of N(0, 1) the codec uses, checked per layer); see rot_decode.cu. Keys: where
+the 4-bit key codebook lies on the half-integer grid of `rotation.grid_codebook` (the default,
+``QJLConfig.rotation_key_grid``), u8 levels into int8 MMAs with Pi q as two s8 digits (``KI8``,
+H200: 84.1 against 88.3 us at B=1 128k); otherwise fp16 operands (``key_int8=False``). Values:
+fp16 operands.
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ from .qjl import Unsupported, split_plan
 
 KERNELS = ("rot_prep", "rot_split", "rot_combine")
 LOG2E = 1.4426950408889634
-STAGES = 3
+STAGES = 2               # cp.async stages per warp (H200, attend-rot-v5.json: 38.5 vs 39.6 us at 32k, 81.6 vs
+                         # 82.9 at 128k against 3; 4 stages 92.3 at 128k: one CTA per SM fits)
 MIN_BLOCKS = 3
 KEY_BITS = (4,)
 VALUE_BITS = (3, 4)

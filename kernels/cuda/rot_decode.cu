@@ -230,6 +230,20 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
     for (int i = threadIdx.x; i < 8 * D / 8; i += NW * 32)
         ((uint4*)&qs[0][0])[i] = ((const uint4*)(a.qr + (i64)bh * 8 * D))[i];
 #endif
+    // each warp's first groups in flight before the q' . mu table and the operand setup
+#if FUSEQ
+    __syncthreads();                                // Pi^T in the stage buffers is read until here
+#endif
+    const i64 tb = (i64)bh * a.LC;
+    u8* wst = dsm + warp * (STAGES * ST_SIZE);
+    if (lo + warp * 32 < hi) {
+#pragma unroll
+        for (int s_ = 0; s_ < STAGES - 1; ++s_) {
+            const int gg = lo + warp * 32 + s_ * NW * 32;
+            if (gg < hi) stage_group(a, wst + s_ * ST_SIZE, tb + gg, lane);
+            cp_commit();
+        }
+    }
 #if CK
     // q' . mu_b per block of this split and query row (mu_b: the block's rotated mean key)
     float* qmu = (float*)(dsm + NW * STAGES * ST_SIZE);
@@ -239,20 +253,24 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
 #if CK
     if (lo < hi) {
         const int nb = (hi - 1) / BLK - blo + 1;
-        for (int bi = warp; bi < nb; bi += NW) {
-            const u16* mu = a.kmean + ((i64)bh * (a.LC / BLK) + blo + bi) * D;
-            float mv[D / 32];
+        // one thread per (block, row): 16-byte loads and a private FMA chain, no shuffle reductions
+        // (the warp-per-block form with 8 shuffle trees per block held ~13% of the split at 128k)
+        for (int i = threadIdx.x; i < nb * 8; i += NW * 32) {
+            const int bi = i >> 3, r = i & 7;
+            const uint4* mu = (const uint4*)(a.kmean + ((i64)bh * (a.LC / BLK) + blo + bi) * D);
+            const uint4* qv = (const uint4*)&qs[r][0];
+            float s0 = 0.f, s1 = 0.f;
 #pragma unroll
-            for (int e = 0; e < D / 32; ++e) mv[e] = h2f(mu[lane * (D / 32) + e]);
+            for (int e = 0; e < D / 8; ++e) {
+                const uint4 m = mu[e], x = qv[e];
+                const u32 mw[4] = {m.x, m.y, m.z, m.w}, xw[4] = {x.x, x.y, x.z, x.w};
 #pragma unroll
-            for (int r = 0; r < 8; ++r) {
-                float sdot = 0.f;
-#pragma unroll
-                for (int e = 0; e < D / 32; ++e) sdot += mv[e] * h2f(qs[r][lane * (D / 32) + e]);
-#pragma unroll
-                for (int o = 16; o; o >>= 1) sdot += __shfl_xor_sync(0xffffffffu, sdot, o);
-                if (lane == 0) qmu[bi * 8 + r] = sdot;
+                for (int j = 0; j < 4; ++j) {
+                    s0 += h2f((u16)(mw[j] & 0xFFFFu)) * h2f((u16)(xw[j] & 0xFFFFu));
+                    s1 += h2f((u16)(mw[j] >> 16)) * h2f((u16)(xw[j] >> 16));
+                }
             }
+            qmu[bi * 8 + r] = s0 + s1;
         }
     }
     __syncthreads();
@@ -331,7 +349,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
 #else
         const float rs0 = a.qrs[bh * 8 + 2 * t] * a.qk_scale, rs1 = a.qrs[bh * 8 + 2 * t + 1] * a.qk_scale;
 #endif
-        const i64 tb = (i64)bh * a.LC;
 #if MK == 1 || MK == 2
         i64 mrow[2];
 #endif
@@ -347,14 +364,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
 #if CAUSAL_C
             qpos[j] = n - a.Tq + r % a.Tq;
 #endif
-        }
-        u8* wst = dsm + warp * (STAGES * ST_SIZE);
-        const int g_first = lo + warp * 32;
-#pragma unroll
-        for (int s_ = 0; s_ < STAGES - 1; ++s_) {
-            const int gg = g_first + s_ * NW * 32;
-            if (gg < hi) stage_group(a, wst + s_ * ST_SIZE, tb + gg, lane);
-            cp_commit();
         }
         int it = 0;
         for (int g0 = lo + warp * 32; g0 < hi; g0 += NW * 32) {
