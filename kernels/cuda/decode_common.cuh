@@ -247,24 +247,12 @@ __device__ __forceinline__ void combine_body(const A& a, u16* out, i64 sob, i64 
     __shared__ float wsp[EMAX];
     __shared__ float red[D / 32];
     __shared__ __align__(16) u16 vs[CH_E][D];
-    // cp.async groups in the order they are needed: the first CH_E exact keys (dynamic shared memory
-    // after pi), their values, then pi (ROT); the score loop read its keys from global memory before, a
-    // load round trip per 4 tokens and warp, which made it latency-bound
-    extern __shared__ __align__(16) u8 cdyn[];
-    u16 (*ks)[D] = (u16 (*)[D])(cdyn + (ROT ? D * D * 4 : 0));
-    const int kc = min(CH_E, ne);
-    for (int i = d; i < kc * (D / 8); i += D) {
-        const int jj = i / (D / 8), cc = (i % (D / 8)) * 8, pos = e0 + jj;
-        const u16* kp = pos < n_old ? a.rk + b * a.srb + h * a.srh + (i64)(pos - c1) * a.srt
-                                    : a.kn + b * a.snb + h * a.snh + (i64)(pos - n_old) * a.snt;
-        cp16(&ks[jj][cc], kp + cc);
-    }
-    cp_commit();
-    stage_values(a, vs, 0, kc, e0, n_old, c1, b, h, d);
     if constexpr (ROT) {    // pi (D x D fp32) into dynamic shared memory, in flight during the exact part
+        extern __shared__ __align__(16) u8 cdyn[];
         for (int i = d; i < D * D / 4; i += D) cp16(cdyn + 16 * i, pi + 4 * i);
         cp_commit();
     }
+    stage_values(a, vs, 0, min(CH_E, ne), e0, n_old, c1, b, h, d);
     const float* op = a.opart + ((i64)bh * a.nsplit * 8 + r) * D + d;
     float opr[PREG];
 #pragma unroll
@@ -273,8 +261,7 @@ __device__ __forceinline__ void combine_body(const A& a, u16* out, i64 sob, i64 
     const float* lp = a.lse + (i64)bh * a.nsplit * 8 + r;
     float mx = -INFINITY;
     for (int s = d; s < a.nsplit; s += D) { const float v = lp[s * 8]; wsp[s] = v; mx = fmaxf(mx, v); }
-    cp_wait<ROT ? 2 : 1>();                 // the keys
-    __syncthreads();                        // qrow, ks
+    __syncthreads();                        // qrow
     {   // exact scores, a warp per token (lanes over channels: coalesced rows), EPL channels per lane
         const int w = d >> 5, ln = d & 31;
         float qv[D / 32];
@@ -283,9 +270,8 @@ __device__ __forceinline__ void combine_body(const A& a, u16* out, i64 sob, i64 
 #pragma unroll 4
         for (int j = w; j < ne; j += D / 32) {
             const int pos = e0 + j;
-            const u16* kp = (j < kc ? &ks[j][0]
-                                    : pos < n_old ? a.rk + b * a.srb + h * a.srh + (i64)(pos - c1) * a.srt
-                                                  : a.kn + b * a.snb + h * a.snh + (i64)(pos - n_old) * a.snt) + ln * (D / 32);
+            const u16* kp = (pos < n_old ? a.rk + b * a.srb + h * a.srh + (i64)(pos - c1) * a.srt
+                                         : a.kn + b * a.snb + h * a.snh + (i64)(pos - n_old) * a.snt) + ln * (D / 32);
             u32 kw[D / 64];
             if constexpr (D / 32 == 4) { const uint2 v = *(const uint2*)kp; kw[0] = v.x; kw[1] = v.y; }
             else { kw[0] = *(const u32*)kp; }
@@ -326,26 +312,14 @@ __device__ __forceinline__ void combine_body(const A& a, u16* out, i64 sob, i64 
     float acc = 0.f, l = 0.f;
     for (int j0 = 0; j0 < ne; j0 += CH_E) {
         const int cnt = min(CH_E, ne - j0);
-        if (j0) { __syncthreads(); stage_values(a, vs, j0, cnt, e0, n_old, c1, b, h, d); cp_wait<0>(); }
-        else cp_wait<ROT ? 1 : 0>();
+        if (j0) { __syncthreads(); stage_values(a, vs, j0, cnt, e0, n_old, c1, b, h, d); }
+        cp_wait<0>();
         __syncthreads();
-        float a4[4] = {0.f, 0.f, 0.f, 0.f}, l4[4] = {0.f, 0.f, 0.f, 0.f};   // 4 chains, not one
-        int jj = 0;
-        for (; jj + 4 <= cnt; jj += 4) {
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                const float p = ps[j0 + jj + u];
-                l4[u] += p;
-                a4[u] += p * q2f(vs[jj + u][d]);
-            }
-        }
-        for (; jj < cnt; ++jj) {
+        for (int jj = 0; jj < cnt; ++jj) {
             const float p = ps[j0 + jj];
-            l4[0] += p;
-            a4[0] += p * q2f(vs[jj][d]);
+            l += p;
+            acc += p * q2f(vs[jj][d]);
         }
-        acc += (a4[0] + a4[1]) + (a4[2] + a4[3]);
-        l += (l4[0] + l4[1]) + (l4[2] + l4[3]);
     }
     __syncthreads();
 #if NSINK

@@ -18,13 +18,6 @@ from ..checks import check_attend, check_qjl, mask_args
 from . import allow_dynamic_smem, available, launch, module
 
 KERNELS = ("qjl_prep", "qjl_split", "qjl_combine")
-CH_E = 136               # exact tokens the combine stages at a time (decode_common.cuh CH_E)
-
-
-def combine_smem(D, rot=False) -> int:
-    """Dynamic shared memory of the combine (decode_common.cuh combine_body): Pi (D x D fp32, rotation
-    codec) and the first CH_E exact keys (fp16/bf16)."""
-    return (D * D * 4 if rot else 0) + CH_E * D * 2
 LOG2E = 1.4426950408889634
 FMA_SHIFTS = False        # measured per codec (RESULTS.md); the shared header's FMAOFF
 STAGES = 3             # cp.async stages per warp (H200 measurement: benchmarks/RESULTS.md)
@@ -296,7 +289,5 @@ def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
     if dyn:
         allow_dynamic_smem(fns["qjl_split"], dyn)
     launch(fns["qjl_split"], (BH, ns), (nw * 32,), [a], stream, shared=dyn)
-    allow_dynamic_smem(fns["qjl_combine"], combine_smem(D))
-    launch(fns["qjl_combine"], (BH, M), (D,), [a, P(out.data_ptr()), *(I64(s) for s in out.stride()[:3])], stream,
-           shared=combine_smem(D))
+    launch(fns["qjl_combine"], (BH, M), (D,), [a, P(out.data_ptr()), *(I64(s) for s in out.stride()[:3])], stream)
     return out

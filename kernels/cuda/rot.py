@@ -23,7 +23,7 @@ import torch
 from .. import rotation as rot
 from ..checks import check_attend, mask_args
 from . import allow_dynamic_smem, available, launch, module
-from .qjl import Unsupported, combine_smem, split_plan
+from .qjl import Unsupported, split_plan
 
 KERNELS = ("rot_prep", "rot_split", "rot_combine")
 LOG2E = 1.4426950408889634
@@ -333,7 +333,7 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
               H, G, Tq, T, M, LC, chunk, ns, nblk)
     allow_dynamic_smem(fns["rot_split"], dyn)
     launch(fns["rot_split"], (BH, ns), (nw * 32,), [a], stream, shared=dyn)
-    allow_dynamic_smem(fns["rot_combine"], combine_smem(D, rot=True))     # pi and the exact keys
+    allow_dynamic_smem(fns["rot_combine"], D * D * 4)       # pi, staged in shared memory
     launch(fns["rot_combine"], (BH, M), (D,), [a, P(out.data_ptr()), *(I64(s) for s in out.stride()[:3])], stream,
-           shared=combine_smem(D, rot=True))
+           shared=D * D * 4)
     return out
