@@ -285,15 +285,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
     for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 
     if (lo + warp * 32 < hi) {
-#if !KI8
-        // B operand of the key MMAs for the whole split: row g, channels CPT t + 4 ks + (0, 1) / (2, 3)
-        u32 bq[NK][2];
-#pragma unroll
-        for (int ks = 0; ks < NK; ++ks) {
-            const uint2 v = *(const uint2*)&qs[g][CPT * t + 4 * ks];
-            bq[ks][0] = v.x; bq[ks][1] = v.y;
-        }
-#endif
 #if KI8
         // B operand of the int8 key MMAs: column g's digits at channels CPT t + 8 w + 0..7 (k-step w);
         // PK: columns 0-3 the hi digits of rows 0-3, columns 4-7 their lo digits
@@ -340,6 +331,13 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
 #pragma unroll
         for (int i = 0; i < 4; ++i) tv[i] = a.lut[4 + i];
 #else
+        // B operand of the key MMAs for the whole split: row g, channels CPT t + 4 ks + (0, 1) / (2, 3)
+        u32 bq[NK][2];
+#pragma unroll
+        for (int ks = 0; ks < NK; ++ks) {
+            const uint2 v = *(const uint2*)&qs[g][CPT * t + 4 * ks];
+            bq[ks][0] = v.x; bq[ks][1] = v.y;
+        }
         u32 tk[4], tv[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) { tk[i] = a.lut[i]; tv[i] = a.lut[4 + i]; }
