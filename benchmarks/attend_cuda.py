@@ -151,8 +151,10 @@ def parse_variants(text):
                 kw["fuse_q"] = bool(int(val))
             elif key == "ki":
                 kw["key_int8"] = bool(int(val))
+            elif key == "pdl":
+                kw["pdl"] = bool(int(val))
             else:
-                raise SystemExit(f"unknown variant key {key!r} (nw, ns, st, sqsmem, minb, pk, fo, fq, ki)")
+                raise SystemExit(f"unknown variant key {key!r} (nw, ns, st, sqsmem, minb, pk, fo, fq, ki, pdl)")
         variants.append((v, kw))
     return variants
 

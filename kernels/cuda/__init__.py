@@ -10,7 +10,7 @@ Triton does not expose (benchmarks/NOTES_kernels.md section 6). Why NVRTC and no
     available()            -> (True, "") or (False, why)
     compile_source(...)    -> cubin bytes (works without a GPU: CI compiles every kernel for sm_90)
     module(name, defines)  -> loaded kernels on the current device, built once per process
-    launch(fn, grid, block, params, stream)
+    launch(fn, grid, block, params, stream, shared=0, pdl=False)
 
 Compiled cubins are kept under ``$QJL_CUDA_CACHE`` (default ``~/.cache/qjl_compile/cuda``), keyed
 by the source, the defines, the target and the NVRTC version.
@@ -171,12 +171,51 @@ def allow_dynamic_smem(fn, nbytes: int) -> None:
     _DYN[key] = True
 
 
-def launch(fn, grid, block, params, stream, shared: int = 0) -> None:
+PDL = os.environ.get("QJL_CUDA_PDL", "1") != "0"
+
+
+@functools.cache
+def pdl_supported(device_index: int) -> bool:
+    """Whether kernels on this device may be launched with programmatic dependent launch (sm_90+,
+    and not switched off by QJL_CUDA_PDL=0)."""
+    import torch
+    return PDL and torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+def launch(fn, grid, block, params, stream, shared: int = 0, pdl: bool = False) -> None:
     """Launch `fn` on `stream` (a torch.cuda.Stream) with `params`: a list of ctypes values (or one
-    ctypes Structure), each passed by address as the kernel's arguments in order."""
+    ctypes Structure), each passed by address as the kernel's arguments in order.
+
+    ``pdl=True``: programmatic dependent launch (Hopper): the kernel may be scheduled before the
+    stream's previous kernel has finished, once every CTA of that one has executed
+    ``griddepcontrol.launch_dependents``; it has to ``griddepcontrol.wait`` (decode_common.cuh
+    griddep_wait) before reading that kernel's output. Only for a kernel that follows one of ours in
+    the same call; the caller checks `pdl_supported`. Captured into CUDA graphs as a programmatic edge.
+    """
     from cuda.bindings import driver
     ptrs = (ctypes.c_void_p * len(params))(*[ctypes.addressof(p) for p in params])
     gx, gy, gz = (tuple(grid) + (1, 1))[:3]
     bx, by, bz = (tuple(block) + (1, 1))[:3]
-    _check(driver.cuLaunchKernel(fn, gx, gy, gz, bx, by, bz, shared, driver.CUstream(stream.cuda_stream),
-                                 ctypes.addressof(ptrs), 0), "cuLaunchKernel")
+    hs = driver.CUstream(stream.cuda_stream)
+    if not pdl:
+        _check(driver.cuLaunchKernel(fn, gx, gy, gz, bx, by, bz, shared, hs, ctypes.addressof(ptrs), 0),
+               "cuLaunchKernel")
+        return
+    _check(driver.cuLaunchKernelEx(pdl_config((gx, gy, gz), (bx, by, bz), shared, hs), fn, ctypes.addressof(ptrs), 0),
+           "cuLaunchKernelEx(PDL)")
+
+
+def pdl_config(grid, block, shared, hstream):
+    """The CUlaunchConfig of a programmatic dependent launch (built without a GPU: tested on the CPU)."""
+    from cuda.bindings import driver
+    cfg = driver.CUlaunchConfig()
+    cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid
+    cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block
+    cfg.sharedMemBytes = shared
+    cfg.hStream = hstream
+    attr = driver.CUlaunchAttribute()
+    attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value.programmaticStreamSerializationAllowed = 1
+    cfg.attrs = [attr]
+    cfg.numAttrs = 1
+    return cfg

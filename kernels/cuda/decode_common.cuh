@@ -49,6 +49,22 @@ __device__ __forceinline__ u32 shl_(u32 x, int k) {
 #endif
 }
 
+// Programmatic dependent launch (sm_90+): a kernel launched with it (kernels/cuda launch(pdl=True))
+// may be scheduled while the call's previous kernel still runs, so its independent prologue (cp.async of
+// the cache, exact tokens, constants) overlaps that kernel; griddep_wait() must come before the first
+// read of what the previous kernel writes (a no-op when launched without PDL). griddep_launch() lets the
+// next kernel's CTAs be scheduled once every CTA of this grid has passed it.
+__device__ __forceinline__ void griddep_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void griddep_launch() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ u32 movt(u32 x) {
     u32 y; asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x)); return y;
 }
@@ -233,6 +249,18 @@ __device__ __forceinline__ void stage_values(const A& a, u16 (*vs)[D], int j0, i
 // ROT: the partials are in a rotated basis (rotation codec): their merged sum is rotated back by pi
 // (D x D fp32, out_d = sum_e acc_e pi[e][d]) before the exact part is added; pi is copied to dynamic
 // shared memory (D * D * 4 bytes, the launcher's) at the start, so its L2 round trips overlap the rest.
+// Launched with PDL after the split: the exact part (scores, softmax against its own max, values)
+// runs while the split does and needs nothing of it; griddep_wait() comes before the partials.
+__device__ __forceinline__ float block_max(float v, float* red, int d) {
+#pragma unroll
+    for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if ((d & 31) == 0) red[d >> 5] = v;
+    __syncthreads();
+    v = red[0];
+#pragma unroll
+    for (int w = 1; w < D / 32; ++w) v = fmaxf(v, red[w]);
+    return v;
+}
 template <class A, bool ROT>
 __device__ __forceinline__ void combine_body(const A& a, u16* out, i64 sob, i64 soh, i64 sot, const float* pi) {
     const int bh = blockIdx.x, r = blockIdx.y, b = bh / a.H, h = bh % a.H, d = threadIdx.x;
@@ -245,7 +273,7 @@ __device__ __forceinline__ void combine_body(const A& a, u16* out, i64 sob, i64 
     __shared__ float qrow[D];
     __shared__ float ps[EMAX];
     __shared__ float wsp[EMAX];
-    __shared__ float red[D / 32];
+    __shared__ float red[2][D / 32];
     __shared__ __align__(16) u16 vs[CH_E][D];
     if constexpr (ROT) {    // pi (D x D fp32) into dynamic shared memory, in flight during the exact part
         extern __shared__ __align__(16) u8 cdyn[];
@@ -253,15 +281,9 @@ __device__ __forceinline__ void combine_body(const A& a, u16* out, i64 sob, i64 
         cp_commit();
     }
     stage_values(a, vs, 0, min(CH_E, ne), e0, n_old, c1, b, h, d);
-    const float* op = a.opart + ((i64)bh * a.nsplit * 8 + r) * D + d;
-    float opr[PREG];
-#pragma unroll
-    for (int s = 0; s < PREG; ++s) opr[s] = s < a.nsplit ? op[(i64)s * 8 * D] : 0.f;
     qrow[d] = q2f(a.q[b * a.sqb + qh * a.sqh + tq * a.sqt + d]);
-    const float* lp = a.lse + (i64)bh * a.nsplit * 8 + r;
-    float mx = -INFINITY;
-    for (int s = d; s < a.nsplit; s += D) { const float v = lp[s * 8]; wsp[s] = v; mx = fmaxf(mx, v); }
     __syncthreads();                        // qrow
+    float mx = -INFINITY;
     {   // exact scores, a warp per token (lanes over channels: coalesced rows), EPL channels per lane
         const int w = d >> 5, ln = d & 31;
         float qv[D / 32];
@@ -299,16 +321,9 @@ __device__ __forceinline__ void combine_body(const A& a, u16* out, i64 sob, i64 
         }
 #endif
     }
-#pragma unroll
-    for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    if ((d & 31) == 0) red[d >> 5] = mx;
-    __syncthreads();
-    mx = red[0];
-#pragma unroll
-    for (int w = 1; w < D / 32; ++w) mx = fmaxf(mx, red[w]);
-    const float mu = mx == -INFINITY ? 0.f : mx;
-    for (int j = d; j < ne + nsk; j += D) ps[j] = exp2f(ps[j] - mu);
-    for (int s = d; s < a.nsplit; s += D) wsp[s] = exp2f(wsp[s] - mu);
+    const float me = block_max(mx, red[0], d);             // the exact part's max (syncs: ps is complete)
+    const float mue = me == -INFINITY ? 0.f : me;
+    for (int j = d; j < ne + nsk; j += D) ps[j] = exp2f(ps[j] - mue);
     float acc = 0.f, l = 0.f;
     for (int j0 = 0; j0 < ne; j0 += CH_E) {
         const int cnt = min(CH_E, ne - j0);
@@ -321,22 +336,35 @@ __device__ __forceinline__ void combine_body(const A& a, u16* out, i64 sob, i64 
             acc += p * q2f(vs[jj][d]);
         }
     }
-    __syncthreads();
 #if NSINK
+    __syncthreads();
     for (int j = 0; j < nsk; ++j) {
         const float p = ps[ne + j];
         l += p;
         acc += p * h2f(a.vsink[((i64)bh * NSINK + j) * D + d]);
     }
 #endif
+    // ---- the split partials: written by the previous kernel ----
+    griddep_wait();
+    const float* op = a.opart + ((i64)bh * a.nsplit * 8 + r) * D + d;
+    float opr[PREG];
+#pragma unroll
+    for (int s = 0; s < PREG; ++s) opr[s] = s < a.nsplit ? op[(i64)s * 8 * D] : 0.f;
+    const float* lp = a.lse + (i64)bh * a.nsplit * 8 + r;
+    float mxs = -INFINITY;
+    for (int s = d; s < a.nsplit; s += D) { const float v = lp[s * 8]; wsp[s] = v; mxs = fmaxf(mxs, v); }
+    const float mt = fmaxf(me, block_max(mxs, red[1], d));  // (syncs: wsp is complete)
+    const float mu = mt == -INFINITY ? 0.f : mt;
+    const float fe = me == -INFINITY ? 0.f : exp2f(me - mu);   // the exact part, rescaled to the joint max
+    acc *= fe; l *= fe;
     float accp = 0.f, lpw = 0.f;
 #pragma unroll
     for (int s = 0; s < PREG; ++s) {
-        const float w = s < a.nsplit ? wsp[s] : 0.f;
+        const float w = s < a.nsplit ? exp2f(wsp[s] - mu) : 0.f;
         if constexpr (ROT) { lpw += w; accp += w * opr[s]; } else { l += w; acc += w * opr[s]; }
     }
     for (int s = PREG; s < a.nsplit; ++s) {
-        const float w = wsp[s];
+        const float w = exp2f(wsp[s] - mu);
         if constexpr (ROT) { lpw += w; accp += w * op[(i64)s * 8 * D]; } else { l += w; acc += w * op[(i64)s * 8 * D]; }
     }
     if constexpr (ROT) {

@@ -15,7 +15,7 @@ import torch
 
 from .. import reference as ref
 from ..checks import check_attend, check_qjl, mask_args
-from . import allow_dynamic_smem, available, launch, module
+from . import allow_dynamic_smem, available, launch, module, pdl_supported
 
 KERNELS = ("qjl_prep", "qjl_split", "qjl_combine")
 LOG2E = 1.4426950408889634
@@ -181,7 +181,7 @@ def split_plan(LC: int, nsplit: int, nw: int) -> tuple[int, int]:
 
 def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, scale=None, meta=None,
                     nsplit=None, num_warps=None, min_blocks=None, sq_smem=None, stages=None, pack=None,
-                    fma_shifts=None):
+                    fma_shifts=None, pdl=None):
     """Fused QJL decode attention, CUDA C++ (semantics of kernels.reference.attend).
 
     Parameters
@@ -212,6 +212,9 @@ def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
     fma_shifts : bool, optional
         Operand-building shifts as integer multiplies (FMA pipe) instead of SHF (ALU pipe); default
         FMA_SHIFTS.
+    pdl : bool, optional
+        Launch the split and the combine with programmatic dependent launch (each may start while the
+        kernel before it runs; sm_90+); default `pdl_supported` (on, unless ``QJL_CUDA_PDL=0``).
 
     Returns
     -------
@@ -288,6 +291,8 @@ def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
               H, G, Tq, T, M, LC, chunk, ns, kind, int(causal))
     if dyn:
         allow_dynamic_smem(fns["qjl_split"], dyn)
-    launch(fns["qjl_split"], (BH, ns), (nw * 32,), [a], stream, shared=dyn)
-    launch(fns["qjl_combine"], (BH, M), (D,), [a, P(out.data_ptr()), *(I64(s) for s in out.stride()[:3])], stream)
+    dep = pdl_supported(dev.index if dev.index is not None else torch.cuda.current_device()) if pdl is None else bool(pdl)
+    launch(fns["qjl_split"], (BH, ns), (nw * 32,), [a], stream, shared=dyn, pdl=dep)
+    launch(fns["qjl_combine"], (BH, M), (D,), [a, P(out.data_ptr()), *(I64(s) for s in out.stride()[:3])], stream,
+           pdl=dep)
     return out

@@ -22,7 +22,7 @@
 //   * values: codes -> fp16 by the 0x6400 magic (LOP3) and one FMA that removes it exactly, then
 //     scale/zero (HFMA2); P goes from the score accumulator to the B operand by movmatrix.
 // One CTA per (batch*kv head, split); each warp walks its own 32-token groups with its own online
-// softmax and writes a partial (o, lse); split index nsplit handles the exact tokens (ring + new).
+// softmax and writes a partial (o, lse); the combine attends the exact tokens (ring + new) and merges.
 
 #include "decode_common.cuh"
 
@@ -126,11 +126,27 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
     const int n = (int)a.len[0];
     const int c1 = n / RR * RR;
     const int cl = min(c1, n - a.T);
+    const int lo = sp * a.chunk;
+    const int hi = min(lo + a.chunk, cl);
+    const i64 tb = (i64)bh * a.LC;                  // this (b, h)'s rows of every buffer
+    griddep_launch();                               // qjl_combine's exact part needs nothing of this kernel
 
     __shared__ float qf[8][D];
     __shared__ u16 qhs[8][D];
 #if STAGES
     extern __shared__ __align__(16) u8 dsm[];       // max(NW * STAGES * ST_SIZE, NW * 8 * D * 4) bytes (launcher)
+    // each warp streams its groups through STAGES shared-memory buffers (cp.async), so the loads of
+    // the next groups are in flight while this one is computed; the first ones before anything of
+    // qjl_prep's is waited for (PDL)
+    u8* wst = dsm + warp * (STAGES * ST_SIZE);
+    if (lo + warp * 32 < hi) {
+#pragma unroll
+        for (int s_ = 0; s_ < STAGES - 1; ++s_) {
+            const int gg = lo + warp * 32 + s_ * NW * 32;
+            if (gg < hi) stage_group(a, wst + s_ * ST_SIZE, tb + gg, lane);
+            cp_commit();
+        }
+    }
 #endif
     for (int i = threadIdx.x; i < 8 * D; i += NW * 32) {
         const int r = i / D, d = i % D;
@@ -139,6 +155,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
         qf[r][d] = v;
         qhs[r][d] = f2h(v);
     }
+    griddep_wait();                                 // sqf, sqsig: qjl_prep's
 #if SQ_SMEM
     // S q fragments of this (b, h), shared by the CTA's warps (registers otherwise: SQ_SMEM=0)
     __shared__ SQT sqs[NCH][32];
@@ -205,8 +222,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
 
     {
     // ---- compressed tokens [lo, hi) of this split ----
-    const int lo = sp * a.chunk;
-    const int hi = min(lo + a.chunk, cl);
     float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
     float acc[NT][4];
 #pragma unroll
@@ -223,8 +238,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
 #endif
         const int sq0 = qsum[2 * t], sq1 = qsum[2 * t + 1];
         const float sg0 = a.sqsig[bh * 8 + 2 * t], sg1 = a.sqsig[bh * 8 + 2 * t + 1];
-        // this (b, h)'s rows of every buffer; each group of 32 tokens is read relative to its first row
-        const i64 tb = (i64)bh * a.LC;
 #if NO > 0
         const uint4* scol = a.scol + t;
 #if MO > 0
@@ -250,17 +263,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
         }
 
 #if STAGES
-        // each warp streams its groups through STAGES shared-memory buffers (cp.async), so the
-        // loads of the next groups are in flight while this one is computed
-        u8* wst = dsm + warp * (STAGES * ST_SIZE);
-
-        const int g_first = lo + warp * 32;
-#pragma unroll
-        for (int s_ = 0; s_ < STAGES - 1; ++s_) {
-            const int gg = g_first + s_ * NW * 32;
-            if (gg < hi) stage_group(a, wst + s_ * ST_SIZE, tb + gg, lane);
-            cp_commit();
-        }
         int it = 0;
 #endif
         for (int g0 = lo + warp * 32; g0 < hi; g0 += NW * 32) {
@@ -526,6 +528,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
 extern "C" __global__ void __launch_bounds__(256) qjl_prep(
         const u16* q, i64 sqb, i64 sqh, i64 sqt, const float* Sp,
         u8* sqf, float* sqsig, int H, int G, int Tq, int M) {
+    griddep_launch();                               // qjl_split's cp.async prologue needs nothing of this kernel
     const int bh = blockIdx.x, c = blockIdx.y, b = bh / H, h = bh % H;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     __shared__ float qs[8][D];

@@ -1,6 +1,7 @@
 """Launcher of the CUDA C++ rotation-codec decode attention (kernels/cuda/rot_decode.cu).
 
-Three launches per call, sized from static shapes (CUDA-graph safe, no host sync): ``rot_prep``
+Three launches per call, sized from static shapes (CUDA-graph safe, no host sync), the last two
+with programmatic dependent launch on sm_90 (their independent prologues overlap the kernel before): ``rot_prep``
 (Pi q per query row in fp16, scaled by a power of two), ``rot_split`` (one CTA per (batch * kv head,
 split), each warp its own partial softmax over the compressed tokens, values summed in the rotated
 basis) and ``rot_combine`` (the partials rotated back by Pi and merged with the exact tokens). With
@@ -22,7 +23,7 @@ import torch
 
 from .. import rotation as rot
 from ..checks import check_attend, mask_args
-from . import allow_dynamic_smem, available, launch, module
+from . import allow_dynamic_smem, available, launch, module, pdl_supported
 from .qjl import Unsupported, split_plan
 
 KERNELS = ("rot_prep", "rot_split", "rot_combine")
@@ -198,7 +199,7 @@ def _config(B, H, LC):
 
 def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, scale=None, meta=None,
                          nsplit=None, num_warps=None, min_blocks=None, stages=None, fma_shifts=None, fuse_q=None,
-                         key_int8=None):
+                         key_int8=None, pdl=None):
     """Fused rotation-codec decode attention, CUDA C++ (semantics of kernels.reference.attend).
 
     Parameters
@@ -226,6 +227,9 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
     key_int8 : bool, optional
         Keys on int8 MMAs (needs a key codebook on the grid, ``rotation_key_grid``); default: wherever
         the codebook allows it. True with a codebook off the grid raises Unsupported.
+    pdl : bool, optional
+        Programmatic dependent launch of the split (after ``rot_prep``) and the combine (sm_90+: each
+        starts its independent prologue while the kernel before it runs); default `pdl_supported`.
 
     Returns
     -------
@@ -331,9 +335,10 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
               mt.data_ptr(), *ms,
               opart.data_ptr(), lse.data_ptr(), sc * LOG2E,
               H, G, Tq, T, M, LC, chunk, ns, nblk)
+    dep = pdl_supported(dev.index if dev.index is not None else torch.cuda.current_device()) if pdl is None else bool(pdl)
     allow_dynamic_smem(fns["rot_split"], dyn)
-    launch(fns["rot_split"], (BH, ns), (nw * 32,), [a], stream, shared=dyn)
+    launch(fns["rot_split"], (BH, ns), (nw * 32,), [a], stream, shared=dyn, pdl=dep and not fq)  # fq: first kernel
     allow_dynamic_smem(fns["rot_combine"], D * D * 4)       # pi, staged in shared memory
     launch(fns["rot_combine"], (BH, M), (D,), [a, P(out.data_ptr()), *(I64(s) for s in out.stride()[:3])], stream,
-           shared=D * D * 4)
+           shared=D * D * 4, pdl=dep)
     return out

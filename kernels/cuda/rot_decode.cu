@@ -187,6 +187,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
     const int cl = min(c1, n - a.T);
     const int lo = sp * a.chunk;
     const int hi = min(lo + a.chunk, cl);
+    griddep_launch();                               // rot_combine's exact part needs nothing of this kernel
 
     extern __shared__ __align__(16) u8 dsm[];       // launcher: dyn_smem (stages + q'.mu table, merge, FUSEQ: Pi^T)
     __shared__ __align__(16) u16 qs[8][D];          // Pi q / 2^e, rows >= M are zero
@@ -226,14 +227,10 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
 #pragma unroll
         for (int i = 0; i < 8 / NRG; ++i) qs[rg + NRG * i][e] = f2h(acc[i] / qsc[rg + NRG * i]);
     }
-#else
-    for (int i = threadIdx.x; i < 8 * D / 8; i += NW * 32)
-        ((uint4*)&qs[0][0])[i] = ((const uint4*)(a.qr + (i64)bh * 8 * D))[i];
-#endif
-    // each warp's first groups in flight before the q' . mu table and the operand setup
-#if FUSEQ
     __syncthreads();                                // Pi^T in the stage buffers is read until here
 #endif
+    // each warp's first groups in flight before anything of rot_prep's is waited for (PDL), then the
+    // q' . mu table and the operand setup
     const i64 tb = (i64)bh * a.LC;
     u8* wst = dsm + warp * (STAGES * ST_SIZE);
     if (lo + warp * 32 < hi) {
@@ -244,6 +241,11 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
             cp_commit();
         }
     }
+#if !FUSEQ
+    griddep_wait();                                 // qr, qrs, qi, qsig: rot_prep's
+    for (int i = threadIdx.x; i < 8 * D / 8; i += NW * 32)
+        ((uint4*)&qs[0][0])[i] = ((const uint4*)(a.qr + (i64)bh * 8 * D))[i];
+#endif
 #if CK
     // q' . mu_b per block of this split and query row (mu_b: the block's rotated mean key)
     float* qmu = (float*)(dsm + NW * STAGES * ST_SIZE);
@@ -530,6 +532,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
 extern "C" __global__ void __launch_bounds__(256) rot_prep(
         const u16* q, i64 sqb, i64 sqh, i64 sqt, const float* pi, u16* qr, float* qrs, int H, int G, int Tq, int M,
         signed char* qi, float* qsig) {
+    griddep_launch();                               // rot_split's cp.async prologue needs nothing of this kernel
     const int bh = blockIdx.x, c = blockIdx.y, b = bh / H, h = bh % H;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     __shared__ float qv[8][D];

@@ -120,6 +120,16 @@ def _cuobjdump():
     return p
 
 
+def _assert_pdl(path, k, split_waits=True):
+    # programmatic dependent launch: prep and split signal their dependents (PREEXIT), split and
+    # combine wait for the kernel before them (ACQBULK) before reading its output (a split that computes
+    # its query transform itself, FUSEQ, is the call's first kernel and waits for nothing)
+    sass = subprocess.run([_cuobjdump(), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+    fn = dict(re.findall(r"Function : (\w+)\n(.*?)(?=\n\s+Function : |\Z)", sass, re.S))
+    assert "PREEXIT" in fn[f"{k}_prep"] and "PREEXIT" in fn[f"{k}_split"], "griddepcontrol.launch_dependents missing"
+    assert ("ACQBULK" in fn[f"{k}_split"]) == split_waits and "ACQBULK" in fn[f"{k}_combine"], "griddepcontrol.wait"
+
+
 @nvrtc_ok
 @pytest.mark.parametrize("defines", CONFIGS, ids=lambda d: f"D{d['D']}m{d['MS']}mo{d['MO']}o{d['NO']}v{d['VB']}mk{d['MK']}pk{d.get('PK', 0)}")
 def test_compiles_for_sm90(defines, tmp_path):
@@ -135,6 +145,19 @@ def test_compiles_for_sm90(defines, tmp_path):
     sass = subprocess.run([_cuobjdump(), "-sass", "-fun", "qjl_split", str(path)], capture_output=True,
                           text=True, check=True).stdout
     assert "IMMA" in sass and "HMMA" in sass and "MOVM" in sass, "the MMA path is not in the machine code"
+    _assert_pdl(path, "qjl")
+
+
+@nvrtc_ok
+def test_dependent_launch_config():
+    # built without a GPU: the attribute that makes a launch programmatic-dependent, and its shape
+    from cuda.bindings import driver
+    from qjl_compile.kernels.cuda import pdl_config
+    cfg = pdl_config((8, 33, 1), (128, 1, 1), 4096, driver.CUstream(0))
+    assert (cfg.gridDimX, cfg.gridDimY, cfg.blockDimX, cfg.sharedMemBytes, cfg.numAttrs) == (8, 33, 128, 4096, 1)
+    attr = cfg.attrs[0]
+    assert attr.id == driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    assert attr.value.programmaticStreamSerializationAllowed == 1
 
 
 @nvrtc_ok
@@ -241,6 +264,22 @@ def test_packed_planes_match_two_plane_path(G):
     with pytest.raises(ValueError, match="pack=True needs <= 4"):
         q8 = torch.randn(B, H * 8, 1, D, device="cuda", dtype=torch.bfloat16)
         cq.qjl_attend_cuda(q8, st, consts, kn, kn, None, True, None, meta, pack=True)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("L,n", [(4096, 3000), (131072, 131000)])
+def test_dependent_launch_gives_the_same_bits(L, n):
+    # PDL only moves when the split and the combine may start: the bits must equal the serialized launch
+    B, H, G, D = 1, 8, 4, 128
+    st, consts, meta, gen = _state(B, H, L, D, 256, 128, 8, 2, 32, 128, n - 1, torch.bfloat16, seed=23)
+    kn = torch.randn(B, H, 1, D, generator=gen, device="cuda").to(torch.bfloat16)
+    ref.append_(st, consts, kn, kn, meta)
+    q = torch.randn(B, H * G, 1, D, generator=gen, device="cuda").to(torch.bfloat16)
+    on = [cq.qjl_attend_cuda(q, st, consts, kn, kn, None, True, None, meta, pdl=True) for _ in range(3)]
+    off = cq.qjl_attend_cuda(q, st, consts, kn, kn, None, True, None, meta, pdl=False)
+    for o in on:
+        assert torch.equal(o, off)
 
 
 @gpu

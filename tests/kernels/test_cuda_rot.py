@@ -295,6 +295,16 @@ CONFIGS = [dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=1, MK=4, CAUSAL=0, CAUSAL_C
                 NSINK=4, FMAOFF=0, KI8=1, PK=1)]
 
 
+def _assert_pdl(path, k, split_waits=True):
+    # programmatic dependent launch: prep and split signal their dependents (PREEXIT), split and
+    # combine wait for the kernel before them (ACQBULK) before reading its output (a split that computes
+    # its query transform itself, FUSEQ, is the call's first kernel and waits for nothing)
+    sass = subprocess.run([_cuobjdump(), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+    fn = dict(re.findall(r"Function : (\w+)\n(.*?)(?=\n\s+Function : |\Z)", sass, re.S))
+    assert "PREEXIT" in fn[f"{k}_prep"] and "PREEXIT" in fn[f"{k}_split"], "griddepcontrol.launch_dependents missing"
+    assert ("ACQBULK" in fn[f"{k}_split"]) == split_waits and "ACQBULK" in fn[f"{k}_combine"], "griddepcontrol.wait"
+
+
 @nvrtc_ok
 @pytest.mark.parametrize("defines", CONFIGS,
                          ids=lambda d: f"D{d['D']}v{d['VB']}mk{d['MK']}ck{d['CK']}q{d['QDT']}s{d.get('NSINK', 0)}nw{d['NW']}"
@@ -311,6 +321,7 @@ def test_compiles_for_sm90(defines, tmp_path):
                           text=True, check=True).stdout
     assert "HMMA" in sass and "MOVM" in sass and "PRMT" in sass, "the MMA/lookup path is not in the machine code"
     assert ("IMMA" in sass) == bool(defines.get("KI8")), "keys on int8 MMAs exactly with KI8"
+    _assert_pdl(path, "rot", not defines.get("FUSEQ"))
 
 
 @pytest.mark.parametrize("D,kb,vb", [(128, 4, 4), (64, 4, 4), (128, 4, 3), (64, 4, 3)])
@@ -413,7 +424,8 @@ def test_launch_config_rule():
 @needs_gpu
 @pytest.mark.parametrize("vb,sink", [(3, 4), (4, 0)])
 @pytest.mark.parametrize("kw", [dict(num_warps=8), dict(fuse_q=True), dict(fma_shifts=False), dict(num_warps=8, fuse_q=False),
-                                dict(key_int8=False), dict(key_int8=False, num_warps=8), dict(exact_codebook=True)],
+                                dict(key_int8=False), dict(key_int8=False, num_warps=8), dict(exact_codebook=True),
+                                dict(pdl=False)],
                          ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
 def test_launch_variants_match_reference(vb, sink, kw):
     B, H, G, D, L, n = 1, 4, 4, 128, 8192, 7000
@@ -432,6 +444,23 @@ def test_launch_variants_match_reference(vb, sink, kw):
     out = cr.rotation_attend_cuda(q, st, consts, kn, vn, None, True, None, meta, **kw)
     want = ref.attend(q, st, consts, kn, vn, None, True, None, meta)
     assert ((out.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("L,n", [(4096, 3000), (131072, 131000)])
+def test_dependent_launch_gives_the_same_bits(L, n):
+    # PDL only moves when the split and the combine may start: every output bit must agree with the
+    # serialized launch, at a size with one wave of CTAs and at one whose combine waits on a full split
+    B, H, G, D = 1, 8, 4, 128
+    st, consts, meta, gen = _state(B, H, L, D, 128, 1, n - 1, torch.bfloat16, seed=21, vb=3, sink=4)
+    kn = torch.randn(B, H, 1, D, generator=gen, device="cuda").to(torch.bfloat16)
+    ref.append_(st, consts, kn, kn, meta)
+    q = torch.randn(B, H * G, 1, D, generator=gen, device="cuda").to(torch.bfloat16)
+    on = [cr.rotation_attend_cuda(q, st, consts, kn, kn, None, True, None, meta, pdl=True) for _ in range(3)]
+    off = cr.rotation_attend_cuda(q, st, consts, kn, kn, None, True, None, meta, pdl=False)
+    for o in on:
+        assert torch.equal(o, off)
 
 
 @gpu
