@@ -5,7 +5,8 @@ with programmatic dependent launch on sm_90 (their independent prologues overlap
 (Pi q per query row in fp16, scaled by a power of two), ``rot_split`` (one CTA per (batch * kv head,
 split), each warp its own partial softmax over the compressed tokens, values summed in the rotated
 basis) and ``rot_combine`` (the partials rotated back by Pi and merged with the exact tokens). With
-``fuse_q=True`` every split CTA computes Pi q itself and ``rot_prep`` is skipped (measured slower).
+``fuse_q=True`` every split CTA computes Pi q itself on the tensor cores (`pi_fragments`) and
+``rot_prep`` is skipped.
 
 Codes become MMA operands by register lookup, which needs symmetric codebooks (true of the
 Lloyd-Max codebooks of N(0, 1) the codec uses, checked per layer); see rot_decode.cu. Keys: where
@@ -35,7 +36,8 @@ KEY_BITS = (4,)
 VALUE_BITS = (3, 4)
 MAX_SINK = 64
 FMA_SHIFTS = True
-FUSE_Q = False           # fused Pi q: slower (attend-rot-v3.json: 29.2 vs 24.8 us at 4k, 178 vs 166 at B=16 16k)
+FUSE_Q = False           # Pi q in every split CTA on the tensor cores: slower than rot_prep under PDL (H200, attend-fq.json:
+                         # k4v3-match 24.5 / 37.5 / 80.7 / 151.8 us against 23.2 / 36.0 / 79.8 / 149.5 at 4k / 32k / 128k / B=16 16k)
 _DERIVED: dict = {}
 
 
@@ -82,8 +84,34 @@ def int8_words(cb: torch.Tensor) -> tuple[list[int], float] | str:
     return [_word(u[:4]), _word(u[4:])], s
 
 
+def pi_fragments(Pi: torch.Tensor) -> torch.Tensor:
+    """16 Pi (D, D) as fp16 hi + lo (hi + lo = 16 Pi to ~2^-22; the factor 16 keeps lo out of fp16's
+    subnormals), laid out as the A fragments of m16n8k16 MMAs for y = Pi x: int32 (2, D/16, D/16, 32, 4)
+    = (hi/lo, m-tile, k-step, lane, register). Lane (g, t)'s registers hold the fp16 pairs of rows
+    (g, g + 8) x columns (2t, 2t + 1) and (2t + 8, 2t + 9) of the 16 x 16 tile, low half first: the
+    split (FUSEQ) loads one 16-byte word per lane, tile and part."""
+    D = Pi.shape[0]
+    p = Pi.detach().double().cpu() * 16
+    hi = p.to(torch.float16)
+    lo = (p - hi.double()).to(torch.float16)
+    lane = torch.arange(32)
+    g, t = lane // 4, lane % 4
+    reg = torch.arange(4)
+    row = g[:, None] + 8 * (reg[None, :] % 2)                 # (32, 4): a0 g, a1 g+8, a2 g, a3 g+8
+    col = 2 * t[:, None] + 8 * (reg[None, :] // 2)            # a0/a1 cols 2t, a2/a3 cols 2t+8
+    mt = torch.arange(D // 16)[:, None, None, None]
+    ks = torch.arange(D // 16)[None, :, None, None]
+    r_ = 16 * mt + row[None, None]                            # (D/16, D/16, 32, 4)
+    c_ = 16 * ks + col[None, None]
+    out = []
+    for part in (hi, lo):
+        bits = part.view(torch.int16).to(torch.int32) & 0xFFFF
+        out.append(bits[r_, c_] | (bits[r_, c_ + 1] << 16))
+    return torch.stack(out).to(torch.int32)
+
+
 def derived(consts):
-    """(Pi fp32 contiguous, Pi^T fp32 contiguous, lut int32 (11,), key grid step s or None) of a layer's
+    """(Pi fp32 contiguous, `pi_fragments` int32, lut int32 (11,), key grid step s or None) of a layer's
     consts, cached per Pi/codebook storage (the second element is the reason instead, when the kernel
     cannot take it; s None: the int8 key path cannot, the fp16 one runs). `prepare` fills it when a
     layer is allocated, outside any CUDA-graph capture."""
@@ -101,7 +129,8 @@ def derived(consts):
         words = wk + wv + ([0, 0] if step is None else w8[0]) + [0x80808080]
         words = [w - (1 << 32) if w >= 1 << 31 else w for w in words]
         pf = Pi.detach().float()
-        val = (pf.contiguous(), pf.t().contiguous(), torch.tensor(words, dtype=torch.int32, device=Pi.device), step)
+        val = (pf.contiguous(), pi_fragments(pf).to(Pi.device),
+               torch.tensor(words, dtype=torch.int32, device=Pi.device), step)
     _DERIVED[key] = ((Pi, cbk, cbv), val)
     return val
 
@@ -117,7 +146,7 @@ class _Args(ctypes.Structure):
                 + [(f"sr{c}", ctypes.c_int64) for c in "bht"]
                 + [("kn", ctypes.c_void_p), ("vn", ctypes.c_void_p)] + [(f"sn{c}", ctypes.c_int64) for c in "bht"]
                 + [(f, ctypes.c_void_p) for f in ("kidx", "kscale", "kmean", "vidx", "vscale", "qr", "qrs", "pi",
-                                                  "pit", "lut", "qi", "qsig")]
+                                                  "pif", "lut", "qi", "qsig")]
                 + [("kstep", ctypes.c_float)]
                 + [(f, ctypes.c_void_p) for f in ("ksink", "vsink", "mask")]
                 + [(f"sm{c}", ctypes.c_int64) for c in "bhtl"]
@@ -177,11 +206,10 @@ def stage_bytes(D, kb, vb) -> int:
     return 32 * (D * kb // 8) + 64 + 32 * (D * vb // 8) + 64
 
 
-def dyn_smem(nw, stages, D, kb, vb, nblk, fuse_q=False) -> int:
+def dyn_smem(nw, stages, D, kb, vb, nblk) -> int:
     """The stages of every warp plus the per-block q' . mu table (nblk x 8 fp32), which the CTA's
-    merge reuses for the warps' partial outputs (NW x 8 x D fp32) once the loop is done, and before
-    the loop, with `fuse_q`, Pi^T (D x D fp32) and the q rows (8 x D fp32) for Pi q."""
-    return max(nw * stages * stage_bytes(D, kb, vb) + nblk * 32, nw * 8 * D * 4, (D * D + 8 * D) * 4 if fuse_q else 0)
+    merge reuses for the warps' partial outputs (NW x 8 x D fp32) once the loop is done."""
+    return max(nw * stages * stage_bytes(D, kb, vb) + nblk * 32, nw * 8 * D * 4)
 
 
 def _config(B, H, LC):
@@ -223,7 +251,7 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
         The lookups' shifts as integer multiplies (FMA pipe) instead of SHF (ALU pipe, the busiest);
         default FMA_SHIFTS.
     fuse_q : bool, optional
-        Pi q computed by every split CTA (no ``rot_prep`` launch); default FUSE_Q (the fp16 key path).
+        Pi q computed by every split CTA on the tensor cores (no ``rot_prep`` launch); default FUSE_Q.
     key_int8 : bool, optional
         Keys on int8 MMAs (needs a key codebook on the grid, ``rotation_key_grid``); default: wherever
         the codebook allows it. True with a codebook off the grid raises Unsupported.
@@ -297,14 +325,12 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
                    FMAOFF=int(FMA_SHIFTS if fma_shifts is None else bool(fma_shifts)))
     fq = FUSE_Q if fuse_q is None else bool(fuse_q)
     defines["FUSEQ"] = int(fq)
-    pi, pit, lut, kstep = derived(consts)
-    ki8 = kstep is not None and not fq if key_int8 is None else bool(key_int8)
+    pi, pif, lut, kstep = derived(consts)
+    ki8 = kstep is not None if key_int8 is None else bool(key_int8)
     if ki8 and kstep is None:
         raise Unsupported(f"key_int8=True: {int8_words(consts[1])}")
-    if ki8 and fq:
-        raise Unsupported("key_int8=True with fuse_q=True: the fused Pi q feeds the fp16 key path only")
     defines.update(KI8=int(ki8), PK=int(ki8 and M <= 4))
-    dyn = dyn_smem(nw, nst, D, kb, vb, nblk, fq)
+    dyn = dyn_smem(nw, nst, D, kb, vb, nblk)
     fns = module("rot_decode", defines, KERNELS, q.device)
     BH = B * H
     dev = q.device
@@ -330,7 +356,7 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
     a = _Args(q.data_ptr(), *q.stride()[:3], state[0].data_ptr(), rk.data_ptr(), rv.data_ptr(), *rk.stride()[:3],
               k_new.data_ptr(), v_new.data_ptr(), *k_new.stride()[:3],
               kidx.data_ptr(), kscale.data_ptr(), kmean.data_ptr(), vidx.data_ptr(), vscale.data_ptr(),
-              qr.data_ptr(), qrs.data_ptr(), pi.data_ptr(), pit.data_ptr(), lut.data_ptr(), qi.data_ptr(),
+              qr.data_ptr(), qrs.data_ptr(), pi.data_ptr(), pif.data_ptr(), lut.data_ptr(), qi.data_ptr(),
               qsig.data_ptr(), float(kstep or 0.0), ksink.data_ptr(), vsink.data_ptr(),
               mt.data_ptr(), *ms,
               opart.data_ptr(), lse.data_ptr(), sc * LOG2E,

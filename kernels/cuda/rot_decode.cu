@@ -47,7 +47,7 @@
 #define BLK 128
 #endif
 #ifndef FUSEQ
-#define FUSEQ 0                 // 1: Pi q computed by each split CTA (Pi^T through shared memory), no rot_prep launch
+#define FUSEQ 0                 // 1: Pi q computed by each split CTA on the tensor cores, no rot_prep launch
 #endif
 #ifndef KI8
 #define KI8 0                   // 1: keys on int8 MMAs (grid codebook, lut_i8)
@@ -75,7 +75,7 @@ struct Args {
     const u16* qr;          // (BH, 8, D) Pi q / 2^e per row, fp16 (rot_prep)
     const float* qrs;       // (BH, 8) 2^e per row
     const float* pi;        // (D, D) fp32: the combine rotates the partials back
-    const float* pit;       // (D, D) fp32 Pi^T (FUSEQ: the split computes Pi q itself)
+    const uint4* pif;       // FUSEQ: 16 Pi as fp16 hi and lo A fragments (2, D/16 m-tiles, D/16 k-steps, 32 lanes)
     const u32* lut;         // 11 words: key magnitudes (lo bytes 0-3, 4-7, hi bytes 0-3, 4-7), then values'
                             // (the same for 4-bit values; for 3-bit ones lo bytes of cb 0-3, 4-7, hi bytes),
                             // then KI8's u8 key levels of codes 0-7, XOR 0x80 (bytes 0-3, 4-7), 0x80808080
@@ -189,46 +189,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
     const int hi = min(lo + a.chunk, cl);
     griddep_launch();                               // rot_combine's exact part needs nothing of this kernel
 
-    extern __shared__ __align__(16) u8 dsm[];       // launcher: dyn_smem (stages + q'.mu table, merge, FUSEQ: Pi^T)
+    extern __shared__ __align__(16) u8 dsm[];       // launcher: dyn_smem (stages + q'.mu table, merge)
     __shared__ __align__(16) u16 qs[8][D];          // Pi q / 2^e, rows >= M are zero
-#if FUSEQ
-    __shared__ float qsc[8];                        // 2^e per row
-    {   // as rot_prep, here: Pi^T (64 KB at D = 128) through the stage buffers, which are not in use yet
-        const float* pis = (const float*)dsm;
-        float* qf = (float*)(dsm + D * D * 4);      // (8, D) q rows in fp32
-        for (int i = threadIdx.x; i < D * D / 4; i += NW * 32) cp16(dsm + 16 * i, a.pit + 4 * i);
-        cp_commit();
-        for (int i = threadIdx.x; i < 8 * D; i += NW * 32) {
-            const int r = i / D, d = i % D;
-            qf[i] = r < a.M ? q2f(a.q[b * a.sqb + (h * a.G + r / a.Tq) * a.sqh + (r % a.Tq) * a.sqt + d]) : 0.f;
-        }
-        __syncthreads();
-        for (int r = warp; r < 8; r += NW) {
-            float ss = 0.f;
-            for (int d = lane; d < D; d += 32) ss += qf[r * D + d] * qf[r * D + d];
-#pragma unroll
-            for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-            // |(Pi q)_e| <= |q|: scaled so the largest possible entry is below 2^14 (fp16 max 65504)
-            if (lane == 0) qsc[r] = ss > 0.f ? exp2f(ceilf(0.5f * log2f(ss)) - 13.f) : 1.f;
-        }
-        cp_wait<0>();
-        __syncthreads();
-        constexpr int NRG = NW * 32 / D;            // row groups: thread (e, rg) does rows rg, rg + NRG, ...
-        const int e = threadIdx.x % D, rg = threadIdx.x / D;
-        float acc[8 / NRG];
-#pragma unroll
-        for (int i = 0; i < 8 / NRG; ++i) acc[i] = 0.f;
-#pragma unroll 8
-        for (int d = 0; d < D; ++d) {
-            const float pv = pis[d * D + e];
-#pragma unroll
-            for (int i = 0; i < 8 / NRG; ++i) acc[i] += pv * qf[(rg + NRG * i) * D + d];
-        }
-#pragma unroll
-        for (int i = 0; i < 8 / NRG; ++i) qs[rg + NRG * i][e] = f2h(acc[i] / qsc[rg + NRG * i]);
-    }
-    __syncthreads();                                // Pi^T in the stage buffers is read until here
-#endif
     // each warp's first groups in flight before anything of rot_prep's is waited for (PDL), then the
     // q' . mu table and the operand setup
     const i64 tb = (i64)bh * a.LC;
@@ -241,10 +203,73 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
             cp_commit();
         }
     }
-#if !FUSEQ
+#if FUSEQ
+    __shared__ float qsc[8];                        // 2^e per row
+    __shared__ float qsg[8];                        // KI8: sigma per row
+    __shared__ __align__(16) signed char qis[16][D];   // KI8: digits of Q, hi rows 0-7, lo rows 8-15
+    {   // Pi q on the tensor cores, as rot_prep computes it: y^T (D x 8 rows) = Pi (D x D) (q / 2^e)^T with
+        // Pi as 16 Pi = hi + lo in fp16 (A fragments prepared once per layer, rot.py pi_fragments) and q in
+        // fp16 (exact from bf16 once scaled by 2^-e): products exact, fp32 sums, ~2^-22 of |q| all told
+        __shared__ float qf[8][D];
+        for (int i = threadIdx.x; i < 8 * D; i += NW * 32) {
+            const int r = i / D, d = i % D;
+            qf[r][d] = r < a.M ? q2f(a.q[b * a.sqb + (h * a.G + r / a.Tq) * a.sqh + (r % a.Tq) * a.sqt + d]) : 0.f;
+        }
+        __syncthreads();
+        for (int r = warp; r < 8; r += NW) {
+            float ss = 0.f;
+            for (int d = lane; d < D; d += 32) ss += qf[r][d] * qf[r][d];
+#pragma unroll
+            for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+            // |(Pi q)_e| <= |q|: scaled so the largest possible entry is below 2^14 (fp16 max 65504)
+            if (lane == 0) {
+                qsc[r] = ss > 0.f ? exp2f(ceilf(0.5f * log2f(ss)) - 13.f) : 1.f;
+                qsg[r] = ss > 0.f ? sqrtf(ss) * (1.f / 32000.f) : 0.f;
+            }
+        }
+        __syncthreads();
+        u32 bf[D / 16][2];                          // B: row g, channels 16 ks + 2t (+1) and + 8 (+9)
+        {
+            const float iv = 1.f / qsc[g];
+#pragma unroll
+            for (int ks = 0; ks < D / 16; ++ks) {
+                const float* qr_ = &qf[g][16 * ks + 2 * t];
+                bf[ks][0] = pack2(qr_[0] * iv, qr_[1] * iv);
+                bf[ks][1] = pack2(qr_[8] * iv, qr_[9] * iv);
+            }
+        }
+        for (int mt = warp; mt < D / 16; mt += NW) {
+            float c[4] = {0.f, 0.f, 0.f, 0.f};
+            const uint4* ph = a.pif + (i64)mt * (D / 16) * 32 + lane;
+            const uint4* pl = ph + (D / 16) * (D / 16) * 32;
+#pragma unroll
+            for (int ks = 0; ks < D / 16; ++ks) {
+                const uint4 x = ph[ks * 32], y = pl[ks * 32];
+                mma_h16(c, x.x, x.y, x.z, x.w, bf[ks][0], bf[ks][1]);
+                mma_h16(c, y.x, y.y, y.z, y.w, bf[ks][0], bf[ks][1]);
+            }
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {           // channel 16 mt + g (+ 8), row 2t (+ 1)
+                const int ch = 16 * mt + g + 8 * (e >> 1), r = 2 * t + (e & 1);
+                const float y = 0.0625f * c[e];     // (Pi q)_ch / 2^e
+                qs[r][ch] = f2h(y);
+#if KI8
+                const int Q = qsg[r] > 0.f ? __float2int_rn(y * qsc[r] / qsg[r]) : 0;
+                const int hd = (Q + 128) >> 8;
+                qis[r][ch] = (signed char)hd;
+                qis[8 + r][ch] = (signed char)(Q - 256 * hd);
+#endif
+            }
+        }
+    }
+    const signed char* qib = &qis[0][0];
+    const float* qsgb = qsg;
+#else
     griddep_wait();                                 // qr, qrs, qi, qsig: rot_prep's
     for (int i = threadIdx.x; i < 8 * D / 8; i += NW * 32)
         ((uint4*)&qs[0][0])[i] = ((const uint4*)(a.qr + (i64)bh * 8 * D))[i];
+    const signed char* qib = a.qi + (i64)bh * 16 * D;
+    const float* qsgb = a.qsig + bh * 8;
 #endif
 #if CK
     // q' . mu_b per block of this split and query row (mu_b: the block's rotated mean key)
@@ -292,9 +317,9 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
         // PK: columns 0-3 the hi digits of rows 0-3, columns 4-7 their lo digits
         u32 bi[D / 32][2];
 #if PK
-        const signed char* qd = a.qi + ((i64)bh * 16 + (g < 4 ? g : g + 4)) * D + CPT * t;
+        const signed char* qd = qib + (g < 4 ? g : g + 4) * D + CPT * t;
 #else
-        const signed char* qd = a.qi + ((i64)bh * 16 + g) * D + CPT * t;
+        const signed char* qd = qib + g * D + CPT * t;
         u32 bl[D / 32][2];
 #endif
         int cs = 0, csl = 0;
@@ -326,8 +351,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
             kof[j] = 127 * (256 * __shfl_sync(0xffffffffu, cs, 4 * r) + __shfl_sync(0xffffffffu, csl, 4 * r));
 #endif
         }
-        const float ri0 = a.qsig[bh * 8 + 2 * t] * (0.5f * a.kstep) * a.qk_scale;
-        const float ri1 = a.qsig[bh * 8 + 2 * t + 1] * (0.5f * a.kstep) * a.qk_scale;
+        const float ri0 = qsgb[2 * t] * (0.5f * a.kstep) * a.qk_scale;
+        const float ri1 = qsgb[2 * t + 1] * (0.5f * a.kstep) * a.qk_scale;
         const u32 tk0 = a.lut[8], tk1 = a.lut[9], sg = a.lut[10];
         u32 tv[4];
 #pragma unroll

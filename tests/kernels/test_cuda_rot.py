@@ -179,6 +179,31 @@ def lut_i8(x, t0, t1, sg=0x80808080):
     return [prmt(t0, t1, m) ^ prmt(sg, sg, x), prmt(t0, t1, m >> 16) ^ prmt(sg, sg, x >> 16)]
 
 
+@pytest.mark.parametrize("D", [64, 128])
+def test_pi_fragments_hold_every_entry_once(D):
+    # the fused Pi q's A operand: every (row, col) of 16 Pi in exactly one (m-tile, k-step, lane, register,
+    # half), where the m16n8k16 A layout puts it, and hi + lo = 16 Pi to ~2^-22
+    Pi = rot.rotation(D, 5)
+    fr = cr.pi_fragments(Pi)
+    assert fr.shape == (2, D // 16, D // 16, 32, 4) and fr.dtype == torch.int32
+    half = torch.stack([fr & 0xFFFF, (fr >> 16) & 0xFFFF], -1).to(torch.int16).view(torch.float16).double()
+    rec = torch.zeros(2, D, D, dtype=torch.float64)
+    seen = torch.zeros(D, D, dtype=torch.int32)
+    for mt in range(D // 16):
+        for ks in range(D // 16):
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                for reg in range(4):
+                    for hf in range(2):
+                        r = 16 * mt + g + 8 * (reg % 2)
+                        c = 16 * ks + 2 * t + 8 * (reg // 2) + hf
+                        rec[:, r, c] = half[:, mt, ks, lane, reg, hf]
+                        seen[r, c] += 1
+    assert bool((seen == 1).all())
+    err = (rec[0] + rec[1] - 16 * Pi.double()).abs().max().item()
+    assert err < 2 ** -22 * 16, err
+
+
 def test_grid_codebook():
     g = rot.grid_codebook(4)
     s = rot.grid_step(g)
@@ -292,7 +317,12 @@ CONFIGS = [dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=1, MK=4, CAUSAL=0, CAUSAL_C
            dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=0, MK=2, CAUSAL=0, CAUSAL_C=0, CK=0, BLK=128, MINB=3, STAGES=3,
                 FMAOFF=1, KI8=1, PK=0),
            dict(D=64, KB=4, VB=3, RR=64, NW=4, QDT=1, MK=1, CAUSAL=0, CAUSAL_C=1, CK=1, BLK=64, MINB=3, STAGES=3,
-                NSINK=4, FMAOFF=0, KI8=1, PK=1)]
+                NSINK=4, FMAOFF=0, KI8=1, PK=1),
+           # Pi q on the tensor cores in the split (FUSEQ) with int8 keys, both warp counts
+           dict(D=128, KB=4, VB=3, RR=128, NW=8, QDT=1, MK=4, CAUSAL=0, CAUSAL_C=0, CK=1, BLK=128, MINB=2, STAGES=2,
+                NSINK=4, FMAOFF=1, FUSEQ=1, KI8=1, PK=1),
+           dict(D=128, KB=4, VB=3, RR=128, NW=4, QDT=1, MK=0, CAUSAL=1, CAUSAL_C=0, CK=1, BLK=128, MINB=3, STAGES=2,
+                NSINK=4, FMAOFF=1, FUSEQ=1, KI8=1, PK=0)]
 
 
 def _assert_pdl(path, k, split_waits=True):
@@ -308,7 +338,7 @@ def _assert_pdl(path, k, split_waits=True):
 @nvrtc_ok
 @pytest.mark.parametrize("defines", CONFIGS,
                          ids=lambda d: f"D{d['D']}v{d['VB']}mk{d['MK']}ck{d['CK']}q{d['QDT']}s{d.get('NSINK', 0)}nw{d['NW']}"
-                                       f"i{d.get('KI8', 0)}{d.get('PK', 0)}")
+                                       f"i{d.get('KI8', 0)}{d.get('PK', 0)}f{d.get('FUSEQ', 0)}")
 def test_compiles_for_sm90(defines, tmp_path):
     from qjl_compile.kernels.cuda import compile_source
     path = tmp_path / "k.cubin"
@@ -417,13 +447,14 @@ def test_launch_config_rule():
     assert cr._config(16, 8, 16384)[0] == 8
     assert cr._config(1, 8, 32768) == (4, 32, cr.MIN_BLOCKS)
     assert cr._config(1, 8, 4096)[0] == 4
-    assert cr.dyn_smem(4, 3, 128, 4, 3, 0, fuse_q=True) == (128 * 128 + 8 * 128) * 4
+    assert cr.dyn_smem(4, 2, 128, 4, 3, 0) == 4 * 2 * cr.stage_bytes(128, 4, 3)
 
 
 @gpu
 @needs_gpu
 @pytest.mark.parametrize("vb,sink", [(3, 4), (4, 0)])
-@pytest.mark.parametrize("kw", [dict(num_warps=8), dict(fuse_q=True), dict(fma_shifts=False), dict(num_warps=8, fuse_q=False),
+@pytest.mark.parametrize("kw", [dict(num_warps=8), dict(fuse_q=True), dict(fuse_q=True, key_int8=False),
+                                dict(fuse_q=True, num_warps=8), dict(fma_shifts=False), dict(num_warps=8, fuse_q=False),
                                 dict(key_int8=False), dict(key_int8=False, num_warps=8), dict(exact_codebook=True),
                                 dict(pdl=False)],
                          ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
