@@ -140,15 +140,19 @@ __device__ __forceinline__ void lut_i8(u32 x, u32 t0, u32 t1, u32 sg, u32 (&o)[2
     o[1] = prmt(t0, t1, shr_(m, 16)) ^ prmt(sg, sg, shr_(x, 16));
 }
 
-// (a & m) | (b & ~m): one LOP3
-__device__ __forceinline__ u32 sel(u32 a, u32 b, u32 m) { return (a & m) | (b & ~m); }
+// (a & m) | (b & ~m) as one LOP3 (LUT 0xE4 = a, b, m in the slots of 0xF0, 0xCC, 0xAA): written in C,
+// ptxas makes two of it (b & ~m first), 3 extra ALU ops per spread3 call
+template <u32 M>
+__device__ __forceinline__ u32 sel(u32 a, u32 b) {
+    u32 r; asm("lop3.b32 %0, %1, %2, %3, 0xE4;" : "=r"(r) : "r"(a), "r"(b), "n"(M)); return r;
+}
 
 // 8 3-bit codes (bits 0-23, 3 i .. 3 i + 2 code i; bits 24-31 zero) -> nibble i = code i (bit 3 zero).
 // Each step leaves garbage only in bits that the next steps drop or the final mask clears.
 __device__ __forceinline__ u32 spread3(u32 x) {
-    x = sel(x, shl_(x, 4), 0x00000FFFu);     // codes 4-7 to bits 16-27
-    x = sel(x, shl_(x, 2), 0x003F003Fu);     // pairs (2 i, 2 i + 1) to bytes
-    x = sel(x, shl_(x, 1), 0x07070707u);     // odd codes to the high nibble
+    x = sel<0x00000FFFu>(x, shl_(x, 4));     // codes 4-7 to bits 16-27
+    x = sel<0x003F003Fu>(x, shl_(x, 2));     // pairs (2 i, 2 i + 1) to bytes
+    x = sel<0x07070707u>(x, shl_(x, 1));     // odd codes to the high nibble
     return x & 0x77777777u;
 }
 
@@ -471,10 +475,10 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
 #else
                 const float mu0 = 0.f, mu1 = 0.f;
 #endif
-                s[tt][0] = c[0] * a0 * q0 + mu0;
-                s[tt][1] = c[1] * a0 * q1 + mu1;
-                s[tt][2] = c[2] * a8 * q0 + mu0;
-                s[tt][3] = c[3] * a8 * q1 + mu1;
+                s[tt][0] = c[0] * (a0 * q0) + mu0;     // FMUL + FFMA per score
+                s[tt][1] = c[1] * (a0 * q1) + mu1;
+                s[tt][2] = c[2] * (a8 * q0) + mu0;
+                s[tt][3] = c[3] * (a8 * q1) + mu1;
 #if MK == 3 || MK == 4
 #pragma unroll
                 for (int e2 = 0; e2 < 2; ++e2) {
