@@ -150,11 +150,18 @@ ROT_VARIANTS = [("bt=32 w4", dict(bt=32, num_warps=4)),
 
 
 def preset_setup(name, B, L, device, seed=0):
-    """One layer's cache for preset `name` (a layer past the initial ones): (state, consts, meta, has_kernel)."""
+    """One layer's cache for preset `name` (a layer past the initial ones): (state, consts, meta, has_kernel).
+    ``name:field=value[:...]`` overrides QJLConfig fields (strings as written, ints and bools parsed),
+    e.g. ``rotation-k4v3-match:rotation_value_layout=rows``."""
     from qjl_compile.cache import _codec_setup
     from qjl_compile.kernels import triton as qjl_triton
-    cfg = QJLConfig.preset(name, head_dim=D)
-    codec, consts, params = _codec_setup(cfg, cfg.initial_layers, D)
+    base, *ovs = name.split(":")
+    kw = {}
+    for o in ovs:
+        k, v = o.split("=", 1)
+        kw[k] = {"true": True, "false": False}.get(v.lower(), int(v) if v.lstrip("-").isdigit() else v)
+    cfg = QJLConfig.preset(base, head_dim=D, **kw)
+    codec, consts, params = _codec_setup(cfg, cfg.initial_layers, D, device)
     consts = [c.to(device) for c in consts]
     meta = [codec.id, cfg.residual, L, *params]
     st = ref.make_state(codec, B, H, L, D, cfg.residual, consts, params, DTYPE, cfg.torch_side_dtype, device)

@@ -37,6 +37,11 @@ values() and scores() use them in place of their codes (the codes stay stored, t
 other buffer is unchanged). Cost: t * (16 D + 16) / (block * D) bits per key (value) value, counted
 from the buffers. Only the reference implements it; the fused GPU kernels refuse it.
 
+Value codes in fragment order (params ``center`` bit VFRAG = 4, QJLConfig.rotation_value_layout="mma",
+the default where head_dim is 64 or 128 and values have 3 or 4 bits): ``vidx`` holds the same bits,
+permuted within each 32-token group into the order of the CUDA kernel's value MMA fragments
+(`frag_pack`); every reader (this reference, the Triton and CUDA kernels) decodes it.
+
 Buffers (`specs`, rows indexed by position // per):
     kidx  (per 1, (D*bk/8,) uint8)   bk = key_bits - unbiased, LSB-first (3 bits: 8 codes / 3 bytes)
     kscale (per 1, () side)
@@ -66,6 +71,73 @@ BITS = (1, 2, 3, 4)
 SCALE_MODES = {"norm": 0, "match": 1, "lsq": 2}
 NPARAMS = 7
 NPARAMS_OUTLIERS = 9   # the opt-in form with exact outlier tokens (`outlier_tokens`)
+VFRAG = 4              # bit of params `center`: value codes stored in MMA-fragment order (`frag_pack`)
+FRAG_DIMS = (64, 128)
+FRAG_BITS = (3, 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Value codes in MMA-fragment order (params center & VFRAG; QJLConfig.rotation_value_layout="mma")
+# ----------------------------------------------------------------------------------------------
+def _frag_dims(shape, bits):
+    *lead, n, d = shape
+    if d not in FRAG_DIMS or bits not in FRAG_BITS or n % 32:
+        raise ValueError(f"rotation codec: value codes in fragment order need head_dim in {FRAG_DIMS}, "
+                         f"value_bits in {FRAG_BITS} and whole 32-token groups; got head_dim={d}, "
+                         f"value_bits={bits}, {n} tokens (QJLConfig(rotation_value_layout='rows') stores rows)")
+    return lead, n, d
+
+
+def frag_pack(idx: torch.Tensor, bits: int) -> torch.Tensor:
+    """(..., N, D) codes -> (..., N, D*bits/8) uint8, each 32-token group in the order the CUDA kernel's
+    value MMAs read it (rot_decode.cu VFRAG), so a lane turns its own words into A fragments with no
+    shuffle and no 3-bit unpacking across bytes.
+
+    Token j = 16 tt + 8 k + 2 t + a and channel c = (D/8) g + 2 i + h (i < D/16) of a group go to
+    lane 4 g + t, nibble word q = tt (D/16) + i, nibble n = 4 k + 2 a + h. A lane's D*bits/32 words are
+    contiguous (lane-major; the group's bytes are split into its 32 rows as they come). 4 bits: the
+    nibble words themselves. 3 bits: every 4 nibble words N0..N3 as 3 words, W_r = N_r (3-bit fields)
+    with bit r of N3's codes in bit 3 of each nibble (exactly 3 bits a code)."""
+    lead, n, d = _frag_dims(idx.shape, bits)
+    nt = d // 16
+    x = idx.to(torch.int64).reshape(*lead, n // 32, 2, 2, 4, 2, 8, nt, 2)   # grp, tt, k, t, a, g, i, h
+    L = len(lead)
+    x = x.permute(*range(L + 1), L + 5, L + 3, L + 1, L + 6, L + 2, L + 4, L + 7)
+    nib = x.reshape(*lead, n // 32, 32, 2 * nt, 8)                         # grp, lane, q, n
+    sh = 4 * torch.arange(8, device=idx.device, dtype=torch.int64)
+    if bits == 3:
+        b4 = nib.reshape(*lead, n // 32, 32, nt // 2, 4, 8)
+        r = torch.arange(3, device=idx.device, dtype=torch.int64)[:, None]
+        nib = b4[..., :3, :] | (((b4[..., 3:, :] >> r) & 1) << 3)          # grp, lane, block, 3, n
+        nib = nib.reshape(*lead, n // 32, 32, 3 * nt // 2, 8)
+    words = (nib << sh).sum(-1)                                             # grp, lane, word (< 2^32)
+    by = (words[..., None] >> (8 * torch.arange(4, device=idx.device, dtype=torch.int64))) & 0xFF
+    return by.to(torch.uint8).reshape(*lead, n, d * bits // 8)
+
+
+def frag_unpack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `frag_pack`: (..., N, D*bits/8) uint8 -> (..., N, D) int32."""
+    *lead, n, nb = codes.shape
+    d = nb * 8 // bits
+    _frag_dims((*lead, n, d), bits)
+    nt = d // 16
+    by = codes.to(torch.int64).reshape(*lead, n // 32, 32, -1, 4)
+    words = (by << (8 * torch.arange(4, device=codes.device, dtype=torch.int64))).sum(-1)   # grp, lane, word
+    nib = (words[..., None] >> (4 * torch.arange(8, device=codes.device, dtype=torch.int64))) & 15
+    if bits == 3:
+        w3 = nib.reshape(*lead, n // 32, 32, nt // 2, 3, 8)
+        r = torch.arange(3, device=codes.device, dtype=torch.int64)[:, None]
+        n3 = ((w3 >> 3) << r).sum(-2, keepdim=True)                          # bit r from word r
+        nib = torch.cat([w3 & 7, n3], -2).reshape(*lead, n // 32, 32, 2 * nt, 8)
+    x = nib.reshape(*lead, n // 32, 8, 4, 2, nt, 2, 2, 2)                   # grp, g, t, tt, i, k, a, h
+    L = len(lead)
+    x = x.permute(*range(L + 1), L + 3, L + 5, L + 2, L + 6, L + 1, L + 4, L + 7)   # grp, tt, k, t, a, g, i, h
+    return x.reshape(*lead, n, d).to(torch.int32)
+
+
+def value_frag(params) -> bool:
+    """Whether the value codes are stored in fragment order (params center & VFRAG)."""
+    return len(params) >= NPARAMS and bool(int(params[5]) & VFRAG)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,10 +298,12 @@ def quantize(x: torch.Tensor, Pi: torch.Tensor, cb: torch.Tensor, scale_mode: in
     return dq.pack(idx.to(torch.int32), bits), a.to(side_dtype)
 
 
-def rotated(codes: torch.Tensor, scale: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
-    """Decoded vectors in the rotated space, a * codebook[idx], (..., N, D) fp32 (x_hat = this @ Pi)."""
+def rotated(codes: torch.Tensor, scale: torch.Tensor, cb: torch.Tensor, frag: bool = False) -> torch.Tensor:
+    """Decoded vectors in the rotated space, a * codebook[idx], (..., N, D) fp32 (x_hat = this @ Pi).
+    frag: the codes are in fragment order (`frag_pack`)."""
     bits = int(cb.numel()).bit_length() - 1
-    return cb.to(codes.device)[dq.unpack(codes, bits).long()] * scale.float().unsqueeze(-1)
+    idx = frag_unpack(codes, bits) if frag else dq.unpack(codes, bits)
+    return cb.to(codes.device)[idx.long()] * scale.float().unsqueeze(-1)
 
 
 def dequantize(codes, scale, Pi, cb) -> torch.Tensor:
@@ -270,6 +344,10 @@ def parse(params):
         raise ValueError(f"rotation codec: params must be [key_bits, value_bits, unbiased, scale_mode, sink, "
                          f"center, block], got {list(params)}")
     kb, vb, ub, sm, sink, center, block = (int(p) for p in params)
+    if center & ~(3 | VFRAG):
+        raise ValueError(f"rotation codec: center={center} must be a bit mask (1 keys, 2 values, "
+                         f"{VFRAG} value codes in fragment order)")
+    center &= 3
     if kb not in BITS or vb not in BITS:
         raise ValueError(f"rotation codec: key_bits={kb}, value_bits={vb}: each must be one of {BITS}")
     if ub not in (0, 1) or (ub and kb < 2):
@@ -356,6 +434,8 @@ class RotationCodec(Codec):
             out += [Spec("kqjl", 1, (m // 8,), torch.uint8), Spec("kres", 1, (), "side")]
         if center & 1:
             out += [Spec("kmean", block, (d,), "side")]
+        if value_frag(params):
+            _frag_dims((32, d), vb)
         out += [Spec("vidx", 1, (d * vb // 8,), torch.uint8), Spec("vscale", 1, (), "side")]
         if center & 2:
             out += [Spec("vmean", block, (d,), "side")]
@@ -378,7 +458,10 @@ class RotationCodec(Codec):
         else:
             out = list(quantize(xk, Pi, cbk, sm, side_dtype))
         out += [mk] if mk is not None else []
-        out += quantize(xv, Pi, cbv, sm, side_dtype)
+        vc, vs = quantize(xv, Pi, cbv, sm, side_dtype)
+        if value_frag(params):
+            vc = frag_pack(dq.unpack(vc, vb), vb)
+        out += [vc, vs]
         out += [mv] if mv is not None else []
         if sink:  # the whole block; append_ keeps the rows of a head-only buffer that exist
             out += [k.to(side_dtype), v.to(side_dtype)]
@@ -393,7 +476,7 @@ class RotationCodec(Codec):
                     kh = kh + residual_keys(parts[0][2][0], parts[0][2][1], S)
                 out += list(_pick_outliers(k, kh, tk, block, side_dtype))
             if tv:
-                vh = self._rot(parts[1], cbv, block) @ Pi
+                vh = self._rot(parts[1], cbv, block, value_frag(params)) @ Pi
                 out += list(_pick_outliers(v, vh, tv, block, side_dtype))
         return out
 
@@ -430,10 +513,10 @@ class RotationCodec(Codec):
         return ko, vo
 
     @staticmethod
-    def _rot(part, cb, block):
+    def _rot(part, cb, block, frag=False):
         """Decoded vectors in the rotated space: Pi mu_block + a_j codebook[idx_j], (B, H, N, D) fp32."""
         codes, scale, _, mean = part
-        x = rotated(codes, scale, cb)
+        x = rotated(codes, scale, cb, frag)
         if mean is not None:
             x = x + mean.float().repeat_interleave(block, dim=-2)[..., : x.shape[-2], :]
         return x
@@ -457,7 +540,7 @@ class RotationCodec(Codec):
         """Pi mu_block + a_j codebook_v[idx_j], (B, H, N, D): what the fused kernel accumulates
         (rotate back once); sinks not included."""
         _, vp, _ = self._split(bufs, params)
-        return self._rot(vp, consts[2], parse(params)[6])
+        return self._rot(vp, consts[2], parse(params)[6], value_frag(params))
 
     def values(self, bufs, consts, params):
         _, _, sinks = self._split(bufs, params)

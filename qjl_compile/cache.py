@@ -26,8 +26,22 @@ from .kernels import reference as ref
 from .kernels import ops  # noqa: F401  (registers torch.ops.qjl)
 
 
-def _codec_setup(cfg: QJLConfig, layer_idx: int, d: int):
-    """(codec, consts on CPU, params) for one layer."""
+def _value_frag(cfg: QJLConfig, d: int, vb: int, device) -> bool:
+    """Whether this rotation layer stores its value codes in MMA-fragment order (config
+    rotation_value_layout; "auto": where the CUDA C++ kernel reads them, a CUDA device of compute
+    capability >= 8.0; the Triton fallback reads them through gathers, ~1.5x slower at 128k)."""
+    from .kernels import rotation as rot
+    if cfg.rotation_value_layout == "rows" or d not in rot.FRAG_DIMS or vb not in rot.FRAG_BITS or cfg.residual % 32:
+        return False
+    if cfg.rotation_value_layout == "mma":
+        return True
+    dev = torch.device(device) if device is not None else None
+    return dev is not None and dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 0)
+
+
+def _codec_setup(cfg: QJLConfig, layer_idx: int, d: int, device=None):
+    """(codec, consts on CPU, params) for one layer (`device`: where the cache will live, for the
+    layouts that depend on it)."""
     codec = ref.CODECS[{"qjl": 0, "decoquant": 1, "rotation": 2}[cfg.method]]
     if cfg.method == "qjl":
         m, mo = cfg.sketch_dims(layer_idx)
@@ -39,8 +53,9 @@ def _codec_setup(cfg: QJLConfig, layer_idx: int, d: int):
         ub = int(cfg.rotation_unbiased)
         consts = rot.make_consts(d, kb, vb, ub, cfg.seed, layer_idx, key_grid=cfg.rotation_key_grid)
         from .config import ROTATION_CENTERS
+        frag = _value_frag(cfg, d, vb, device)
         params = [kb, vb, ub, rot.SCALE_MODES[cfg.rotation_scale], cfg.sink_tokens,
-                  ROTATION_CENTERS[cfg.rotation_center], cfg.residual]  # centering block = R
+                  ROTATION_CENTERS[cfg.rotation_center] | (rot.VFRAG if frag else 0), cfg.residual]  # block = R
         if cfg.rotation_key_outliers or cfg.rotation_value_outliers:   # opt-in (issue 17): exact outlier tokens
             params += [cfg.rotation_key_outliers, cfg.rotation_value_outliers]
     else:
@@ -139,6 +154,9 @@ class QJLLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        if self.cfg.method == "rotation" and self.cfg.rotation_value_layout == "auto":   # the layout follows the device
+            params = _codec_setup(self.cfg, self.layer_idx, self.head_dim, self.device)[2]
+            self.meta = [self.codec.id, self.cfg.residual, self.max_cache_len, *params]
         B, H, _, D = key_states.shape
         if D != self.head_dim:
             raise ValueError(f"QJLCache layer {self.layer_idx} got keys with head_dim {D}, but the cache was built "

@@ -89,6 +89,14 @@ class QJLConfig:
         Rotation codec, 4-bit keys: the Lloyd-Max codebook moved onto a half-integer grid of 128 levels
         (kernels/rotation.py ``grid_codebook``, +0.44% quantization MSE) so the CUDA C++ kernel scores
         keys on int8 tensor-core MMAs. False: the exact centroids (that kernel then runs its fp16 path).
+    rotation_value_layout : {"auto", "mma", "rows"}
+        Rotation codec: how the value codes of each 32-token group are laid out. "mma": in the order of
+        the CUDA C++ kernel's value MMA fragments (kernels/rotation.py ``frag_pack``: the same bits, no
+        3-bit unpacking across bytes in the kernel; H200 k4v3-match 70.9 against 76.5 us at 128k), for
+        head_dim 64 / 128 and 3- or 4-bit values with R a multiple of 32; other layers keep "rows"
+        (codes per token, channel order). "auto" (default): "mma" for a cache on a CUDA device of
+        compute capability >= 8.0 (where that kernel runs), "rows" elsewhere (the Triton fallback
+        and the CPU reference read both; Triton reads "mma" through gathers, ~1.5x slower).
     sink_tokens : int
         The first ``sink_tokens`` positions are kept exact (attention sink); rotation codec only.
     seed : int
@@ -121,6 +129,7 @@ class QJLConfig:
     rotation_key_outliers: int = 0
     rotation_value_outliers: int = 0
     rotation_key_grid: bool = True
+    rotation_value_layout: str = "auto"
     sink_tokens: int = 0
     seed: int = 42
     side_dtype: str = "float16"
@@ -163,6 +172,8 @@ class QJLConfig:
             bad("rotation_unbiased", "True or False")
         if not isinstance(self.rotation_key_grid, bool):
             bad("rotation_key_grid", "True or False")
+        if self.rotation_value_layout not in ("auto", "mma", "rows"):
+            bad("rotation_value_layout", "'auto', 'mma' or 'rows'")
         if self.rotation_unbiased and min(self.rotation_key_bits, self.rotation_initial_bits or 4) < 2:
             bad("rotation_key_bits", "an integer in [2, 4] with rotation_unbiased=True (1 bit goes to the QJL residual)")
         if self.rotation_scale not in ROTATION_SCALES:

@@ -322,7 +322,8 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
     defines = dict(D=D, KB=kb, VB=vb, RR=R, NW=nw, QDT=int(q.dtype == torch.bfloat16), MK=kind,
                    CAUSAL=int(causal), CAUSAL_C=int(causal and T < Tq), CK=ck, BLK=block if ck else 128,
                    MINB=int(min_blocks or minb), STAGES=nst, NSINK=ns_,
-                   FMAOFF=int(FMA_SHIFTS if fma_shifts is None else bool(fma_shifts)))
+                   FMAOFF=int(FMA_SHIFTS if fma_shifts is None else bool(fma_shifts)),
+                   VFRAG=int(rot.value_frag(list(meta[3:]))))
     fq = FUSE_Q if fuse_q is None else bool(fuse_q)
     defines["FUSEQ"] = int(fq)
     pi, pif, lut, kstep = derived(consts)

@@ -65,6 +65,10 @@
 #define CB (CPL * VB / 8)       // value code bytes per lane group and token
 #define CW (CPL / 8)            // value code words per lane group and token, 8 codes a word in nibbles
 #define NT (D / 16)             // value M-tiles
+#ifndef VFRAG
+#define VFRAG 0                 // 1: value codes in fragment order (rotation.frag_pack, params center & 4)
+#endif
+#define VW (D * VB / 32)        // VFRAG: 32-bit value words per lane and group
 
 struct Args {
     const u16* q; i64 sqb, sqh, sqt;
@@ -154,6 +158,20 @@ __device__ __forceinline__ u32 spread3(u32 x) {
     x = sel<0x003F003Fu>(x, shl_(x, 2));     // pairs (2 i, 2 i + 1) to bytes
     x = sel<0x07070707u>(x, shl_(x, 1));     // odd codes to the high nibble
     return x & 0x77777777u;
+}
+
+// VFRAG, 3 bits: the 4th nibble word of a block, whose code bit r sits in bit 3 of word r's nibbles
+__device__ __forceinline__ u32 frag3(u32 w0, u32 w1, u32 w2) {
+    const u32 a0 = w0 & 0x88888888u, a1 = w1 & 0x88888888u, a2 = w2 & 0x88888888u;
+#if FMAOFF
+    u32 r;                                   // a0 >> 3 | a1 >> 2 | a2 >> 1 (disjoint bits: sums) on the FMA pipe
+    asm("mul.hi.u32 %0, %1, %2;" : "=r"(r) : "r"(a0), "r"(1u << 29));
+    asm("mad.hi.u32 %0, %1, %2, %0;" : "+r"(r) : "r"(a1), "r"(1u << 30));
+    asm("mad.hi.u32 %0, %1, %2, %0;" : "+r"(r) : "r"(a2), "r"(1u << 31));
+    return r;
+#else
+    return (a0 >> 3) | (a1 >> 2) | (a2 >> 1);
+#endif
 }
 
 // one lane group's CPL 3-bit value codes of a token (CB bytes at p) as CW nibble words
@@ -412,6 +430,32 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
             const u16* G_VS = (const u16*)(gst + ST_VS);
             // value codes first (their latency overlaps the scoring): tokens 2t, 2t+1, 2t+8, 2t+9 of
             // each tile, lane group g's CB bytes
+#if VFRAG
+            // fragment order (rotation.frag_pack): this lane's VW words, nibble word tt NT + i = the 8 codes
+            // of M-tile i's A fragment in tile tt; 3 bits: every 4 nibble words stored as 3
+            u32 nwd[2 * NT];
+            {
+                u32 vw[VW];
+                const u8* vp = G_V + lane * (4 * VW);
+                if constexpr (VW % 4 == 0) load_words<VW>(vw, vp);
+                else {
+#pragma unroll
+                    for (int i = 0; i < VW; i += 2) { const uint2 v = *(const uint2*)(vp + 4 * i); vw[i] = v.x; vw[i + 1] = v.y; }
+                }
+#pragma unroll
+                for (int jb = 0; jb < (VB == 3 ? 2 * NT / 4 : 0); ++jb) {
+                    const u32 w0 = vw[3 * jb], w1 = vw[3 * jb + 1], w2 = vw[3 * jb + 2];
+                    nwd[4 * jb] = w0 & 0x77777777u;
+                    nwd[4 * jb + 1] = w1 & 0x77777777u;
+                    nwd[4 * jb + 2] = w2 & 0x77777777u;
+                    nwd[4 * jb + 3] = frag3(w0, w1, w2);
+                }
+                if constexpr (VB == 4) {
+#pragma unroll
+                    for (int i = 0; i < 2 * NT; ++i) nwd[i] = vw[i];
+                }
+            }
+#else
             u32 cwt[2][4][CW];
 #pragma unroll
             for (int tt = 0; tt < 2; ++tt)
@@ -422,6 +466,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
                     else if constexpr (CW == 1) cwt[tt][k][0] = *(const u32*)cp;
                     else { const uint2 v = *(const uint2*)cp; cwt[tt][k][0] = v.x; cwt[tt][k][1] = v.y; }
                 }
+#endif
             float s[2][4];
 #pragma unroll
             for (int tt = 0; tt < 2; ++tt) {
@@ -522,6 +567,15 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
                 const float b0s = h2f(G_VS[16 * tt + g]), b8s = h2f(G_VS[16 * tt + g + 8]);
                 const u32 b0 = movt(pack2(pr[tt][0] * b0s, pr[tt][1] * b0s));   // tokens 2t, 2t+1 of row g
                 const u32 b1 = movt(pack2(pr[tt][2] * b8s, pr[tt][3] * b8s));   // tokens 2t+8, 2t+9
+#if VFRAG
+#pragma unroll
+                for (int i = 0; i < NT; ++i) {          // nibbles 4k + 2a + h: (a0, a1, a2, a3) of M-tile i
+                    u32 v4[4];
+                    if constexpr (VB == 3) lut3<0x6240, 0x7351>(nwd[tt * NT + i], tv, v4);
+                    else lut8<0x6240, 0x7351>(nwd[tt * NT + i], tv, v4);
+                    mma_h16(acc[i], v4[0], v4[1], v4[2], v4[3], b0, b1);
+                }
+#else
                 u32 af[NT][4];
 #pragma unroll
                 for (int k = 0; k < 2; ++k) {           // token pair (2t, 2t+1) + 8k
@@ -543,6 +597,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
                 }
 #pragma unroll
                 for (int i = 0; i < NT; ++i) mma_h16(acc[i], af[i][0], af[i][1], af[i][2], af[i][3], b0, b1);
+#endif
             }
             __syncwarp();                               // this stage is refilled STAGES - 1 groups later
         }

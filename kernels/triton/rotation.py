@@ -90,6 +90,65 @@ def _store_codes(OUT, row, idx, BITS: tl.constexpr, D: tl.constexpr, DP: tl.cons
 
 
 @triton.jit
+def _unpack_frag(ptr, rows, ok, BT: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr):
+    """As `_unpack` for value codes in fragment order (rotation.frag_pack): token j = 16 tt + 8 k + 2 t + a
+    and channel c = (D/8) g + 2 i + h of a 32-token group sit in lane 4 g + t, nibble word tt (D/16) + i,
+    nibble 4 k + 2 a + h; a lane holds D*BITS/32 int32 words (3 bits: 4 nibble words in 3, the fourth's
+    bits in bit 3 of the others' nibbles). Gathers: the fallback path, the CUDA kernel reads whole lanes."""
+    NT: tl.constexpr = D // 16
+    WL: tl.constexpr = D * BITS // 32
+    c = tl.arange(0, D)
+    j = rows % 32
+    base = (rows // 32) * (32 * WL)                                          # int32 words
+    lane = 4 * (c // (D // 8))[None, :] + ((j // 2) % 4)[:, None]
+    q = (j // 16)[:, None] * NT + ((c % (D // 8)) // 2)[None, :]
+    nb = 4 * ((j // 8) % 2)[:, None] + 2 * (j % 2)[:, None] + (c % 2)[None, :]
+    wp = ptr.to(tl.pointer_type(tl.int32)) + base[:, None] + lane * WL
+    m = ok[:, None] & (c < D)[None, :]
+    if BITS == 4:
+        w = tl.load(wp + q, mask=m, other=0)
+        out = (w >> (4 * nb)) & 15
+    else:
+        blk = q // 4
+        r = q % 4
+        sh = 4 * nb
+        # nibble words 0-2 of a block: one word; word 3: bit 3 of the same nibble in all three
+        w = tl.load(wp + 3 * blk + tl.where(r == 3, 0, r), mask=m, other=0)
+        m3 = m & (r == 3)
+        w1 = tl.load(wp + 3 * blk + 1, mask=m3, other=0)
+        w2 = tl.load(wp + 3 * blk + 2, mask=m3, other=0)
+        hi = ((w >> (sh + 3)) & 1) | (((w1 >> (sh + 3)) & 1) << 1) | (((w2 >> (sh + 3)) & 1) << 2)
+        out = tl.where(r == 3, hi, (w >> sh) & 7)
+    return out
+
+
+@triton.jit
+def _store_codes_frag(OUT, row0, idx, BITS: tl.constexpr, D: tl.constexpr):
+    """(32, D) int32 codes of the 32-token group starting at row `row0` -> fragment order (inverse of
+    `_unpack_frag`; rotation.frag_pack is the reference)."""
+    NT: tl.constexpr = D // 16
+    WL: tl.constexpr = D * BITS // 32
+    x = tl.reshape(idx, (2, 2, 4, 2, 8, NT, 2))                   # tt, k, t, a, g, i, h
+    x = tl.permute(x, (4, 2, 0, 5, 1, 3, 6))                       # g, t, tt, i, k, a, h
+    sh = 4 * tl.arange(0, 8)
+    wp = OUT.to(tl.pointer_type(tl.int32)) + (row0 // 32) * (32 * WL)
+    lane = tl.arange(0, 32)
+    if BITS == 4:
+        nib = tl.reshape(x, (32, 2 * NT, 8))
+        w = tl.sum(nib << sh[None, None, :], 2)
+        tl.store(wp + lane[:, None] * WL + tl.arange(0, 2 * NT)[None, :], w)
+    else:
+        nib = tl.reshape(x, (32, NT // 2, 4, 8))                   # lane, block, r, nibble
+        r = tl.arange(0, 4)[None, None, :, None]
+        n3 = tl.sum(tl.where(r == 3, nib, 0), 2)                   # lane, block, nibble
+        wr = nib | (((n3[:, :, None, :] >> r) & 1) << 3)
+        w = tl.sum(wr << sh[None, None, None, :], 3)                # lane, block, r
+        blk = tl.arange(0, NT // 2)[None, :, None]
+        rr = tl.arange(0, 4)[None, None, :]
+        tl.store(wp + lane[:, None, None] * WL + 3 * blk + rr, w, mask=rr < 3)
+
+
+@triton.jit
 def _to_side(x, SIDE: tl.constexpr, EMU: tl.constexpr):
     """fp32 -> side dtype, round to nearest even. EMU: by hand for bf16, because the triton 3.9
     interpreter truncates fp32 -> bf16 (CPU tests only; GPUs round in hardware)."""
@@ -159,7 +218,7 @@ def _compress(
     R: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
     UB: tl.constexpr, M: tl.constexpr, MC: tl.constexpr, SMODE: tl.constexpr, NS: tl.constexpr,
     CK: tl.constexpr, CV: tl.constexpr, UNIT: tl.constexpr, SIDE: tl.constexpr, PREC: tl.constexpr,
-    NLK: tl.constexpr, NLV: tl.constexpr, EMU: tl.constexpr,
+    NLK: tl.constexpr, NLV: tl.constexpr, EMU: tl.constexpr, VFR: tl.constexpr,
 ):
     gi = tl.program_id(0)
     bh = tl.program_id(1)
@@ -210,7 +269,10 @@ def _compress(
                 _sketch_signs(res, PS_T, KQJL, row, M, DP, D, MC, PREC)
             xv = v.to(tl.float32) - mu_v[None, :]
             iv, cv, av, _ = _quantize(xv, PiT, d_ok, BDV, CBV, sqrt_d, NLV, SMODE, PREC)
-            _store_codes(VIDX, row, iv, VB, D, DP)
+            if VFR:
+                _store_codes_frag(VIDX, bh * LC + p0 + s0, iv, VB, D)
+            else:
+                _store_codes(VIDX, row, iv, VB, D, DP)
             tl.store(VSCALE + row, _to_side(av, SIDE, EMU))
 
 
@@ -233,7 +295,7 @@ def _attend_split(
     KB: tl.constexpr, VB: tl.constexpr, UB: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
     MC: tl.constexpr, CK: tl.constexpr, CV: tl.constexpr, BLK: tl.constexpr, NS: tl.constexpr,
     BM: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
-    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr, ONE: tl.constexpr,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr, ONE: tl.constexpr, VFR: tl.constexpr,
 ):
     bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -307,7 +369,10 @@ def _attend_split(
                 s = tl.where((pos >= NS)[None, :], s, float("-inf"))
             p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc)
             av = tl.load(VSCALE + rows, mask=ok, other=0.0).to(tl.float32)
-            iv = _unpack(VIDX, rows, ok, BT, NBV, VB, D, DP)
+            if VFR:
+                iv = _unpack_frag(VIDX, rows, ok, BT, VB, D)
+            else:
+                iv = _unpack(VIDX, rows, ok, BT, NBV, VB, D, DP)
             cv = tl.load(CBV + iv, mask=d_ok[None, :], other=0.0)
             acc = tl.dot((p * av[None, :]).to(DT), cv, acc=acc)
             if CV:
@@ -428,7 +493,7 @@ def check_rotation(state, consts, meta, what):
     if side not in _SIDE:
         raise ValueError(f"{what}: side dtype {side} unsupported")
     dims = dict(B=B, H=H, R=R, D=D, L=L, LC=LC, kb=kb - ub, vb=vb, ub=ub, sm=sm, ns=min(LC, sink) if sink else 0,
-                ck=center & 1, cv=(center >> 1) & 1, block=block, m=m, side=side)
+                ck=center & 1, cv=(center >> 1) & 1, block=block, m=m, side=side, vfrag=int(rot.value_frag(params)))
     return dims, bufs
 
 
@@ -490,7 +555,7 @@ def rotation_append_(state, consts, k, v, meta):
             R=R, D=D, DP=DP, KB=dims["kb"], VB=dims["vb"], UB=dims["ub"], M=max(m, 16),
             MC=min(64, _p2(max(m, 16))), SMODE=dims["sm"], NS=dims["ns"], CK=dims["ck"], CV=dims["cv"],
             UNIT=unit, SIDE=_SIDE[dims["side"]], NLK=1 << dims["kb"], NLV=1 << dims["vb"],
-            EMU=_interpret() and dims["side"] == torch.bfloat16,
+            EMU=_interpret() and dims["side"] == torch.bfloat16, VFR=dims["vfrag"],
             PREC="ieee" if _interpret() else "tf32x3",     # tf32x3: ~fp32 accuracy on tensor cores
             # shared memory at D=128 (sm_90 compile): 16-bit 197 KB at 2 stages (229 KB at 3, at the
             # 227 KB limit); fp32 164 KB at 1 stage (295 KB at 3)
@@ -623,7 +688,7 @@ def rotation_attend(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
                 G=G, R=R, D=D, DP=DP, KB=dims["kb"], VB=dims["vb"], UB=dims["ub"], M=max(m, 16), MP=MP,
                 MC=min(64, MP), CK=dims["ck"], CV=dims["cv"], BLK=dims["block"], NS=dims["ns"],
                 BM=BM, BT=bt, BN=32, MASK_KIND=mask_kind, CAUSAL=bool(is_causal), DT=_TL[dot_dt],
-                ONE=_ONE.get(dot_dt, 0), num_warps=num_warps, num_stages=2)
+                ONE=_ONE.get(dot_dt, 0), VFR=dims["vfrag"], num_warps=num_warps, num_stages=2)
             break
         except triton.runtime.errors.OutOfResources:
             if bt <= 16:

@@ -156,6 +156,39 @@ def test_value_words_interleave_two_tokens():
 
 
 @pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("vb", [3, 4])
+def test_fragment_order_values_reach_their_mma_slots(D, vb):
+    # rot_decode.cu VFRAG, emulated: a lane's words -> nibble words (3 bits: masks and frag3 with the
+    # mul.hi / mad.hi of FMAOFF) -> lut3/lut8's nibble n = 4k + 2a + h is the code of channel
+    # (D/8) g + 2i + h, token 16 tt + 8k + 2t + a: the A fragment (a0..a3) of M-tile i in tile tt
+    idx = torch.randint(0, 1 << vb, (64, D))
+    words = rot.frag_pack(idx, vb).reshape(2, 32, -1).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    nt, vw = D // 16, D * vb // 32
+    hi = lambda a, b: (a * b) >> 32  # noqa: E731
+    for grp in range(2):
+        for lane in range(32):
+            g, t = lane // 4, lane % 4
+            w = [int(x) for x in words[grp].reshape(-1)[lane * vw:(lane + 1) * vw].tolist()]
+            nwd = []
+            if vb == 4:
+                nwd = w
+            else:
+                for jb in range(2 * nt // 4):
+                    w0, w1, w2 = w[3 * jb:3 * jb + 3]
+                    a0, a1, a2 = w0 & 0x88888888, w1 & 0x88888888, w2 & 0x88888888
+                    f3 = hi(a2, 1 << 31) + hi(a1, 1 << 30) + hi(a0, 1 << 29)
+                    assert f3 == (a0 >> 3) | (a1 >> 2) | (a2 >> 1)
+                    nwd += [w0 & 0x77777777, w1 & 0x77777777, w2 & 0x77777777, f3]
+            for tt in range(2):
+                for i in range(nt):
+                    x = nwd[tt * nt + i]
+                    for n in range(8):
+                        k, a, h = n // 4, (n // 2) % 2, n % 2
+                        want = int(idx[32 * grp + 16 * tt + 8 * k + 2 * t + a, (D // 8) * g + 2 * i + h])
+                        assert (x >> (4 * n)) & 15 == want
+
+
+@pytest.mark.parametrize("D", [64, 128])
 def test_key_fragments_cover_every_channel_once(D):
     # A (token rows) and B (Pi q) agree on the K order: thread t, k-step ks, half -> channels
     cpt, nk = D // 4, D // 16
@@ -318,6 +351,15 @@ CONFIGS = [dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=1, MK=4, CAUSAL=0, CAUSAL_C
                 FMAOFF=1, KI8=1, PK=0),
            dict(D=64, KB=4, VB=3, RR=64, NW=4, QDT=1, MK=1, CAUSAL=0, CAUSAL_C=1, CK=1, BLK=64, MINB=3, STAGES=3,
                 NSINK=4, FMAOFF=0, KI8=1, PK=1),
+           # value codes in fragment order (VFRAG), 3 and 4 bits, both head dims
+           dict(D=128, KB=4, VB=3, RR=128, NW=8, QDT=1, MK=0, CAUSAL=1, CAUSAL_C=0, CK=1, BLK=128, MINB=2, STAGES=2,
+                NSINK=4, FMAOFF=1, KI8=1, PK=1, VFRAG=1),
+           dict(D=128, KB=4, VB=4, RR=128, NW=8, QDT=1, MK=4, CAUSAL=0, CAUSAL_C=0, CK=1, BLK=128, MINB=2, STAGES=2,
+                FMAOFF=1, KI8=1, PK=1, VFRAG=1),
+           dict(D=64, KB=4, VB=3, RR=64, NW=4, QDT=0, MK=2, CAUSAL=0, CAUSAL_C=0, CK=0, BLK=64, MINB=3, STAGES=2,
+                FMAOFF=0, KI8=1, PK=0, VFRAG=1),
+           dict(D=64, KB=4, VB=4, RR=64, NW=4, QDT=1, MK=0, CAUSAL=1, CAUSAL_C=1, CK=1, BLK=64, MINB=3, STAGES=2,
+                NSINK=4, FMAOFF=1, VFRAG=1),
            # Pi q on the tensor cores in the split (FUSEQ) with int8 keys, both warp counts
            dict(D=128, KB=4, VB=3, RR=128, NW=8, QDT=1, MK=4, CAUSAL=0, CAUSAL_C=0, CK=1, BLK=128, MINB=2, STAGES=2,
                 NSINK=4, FMAOFF=1, FUSEQ=1, KI8=1, PK=1),
@@ -338,7 +380,7 @@ def _assert_pdl(path, k, split_waits=True):
 @nvrtc_ok
 @pytest.mark.parametrize("defines", CONFIGS,
                          ids=lambda d: f"D{d['D']}v{d['VB']}mk{d['MK']}ck{d['CK']}q{d['QDT']}s{d.get('NSINK', 0)}nw{d['NW']}"
-                                       f"i{d.get('KI8', 0)}{d.get('PK', 0)}f{d.get('FUSEQ', 0)}")
+                                       f"i{d.get('KI8', 0)}{d.get('PK', 0)}f{d.get('FUSEQ', 0)}v{d.get('VFRAG', 0)}")
 def test_compiles_for_sm90(defines, tmp_path):
     from qjl_compile.kernels.cuda import compile_source
     path = tmp_path / "k.cubin"
@@ -406,6 +448,13 @@ GRID = [  # B, H, G, Tq, D, R, center, n, L, dtype[, value bits, sinks]
     (1, 8, 4, 1, 128, 128, 1, 20000, 20480, torch.bfloat16, 3, 4),
     (1, 1, 3, 1, 128, 32, 0, 301, 320, torch.float16, 3, 0),
     (2, 2, 4, 1, 128, 128, 1, 3000, 4096, torch.bfloat16, 4, 4),
+    # value codes in fragment order (center bit 4: the config default for 3- and 4-bit values)
+    (1, 2, 4, 1, 128, 128, 5, 1000, 1024, torch.bfloat16, 3, 4),
+    (2, 3, 1, 2, 64, 64, 5, 777, 800, torch.float16, 3, 4),
+    (1, 8, 4, 1, 128, 128, 5, 20000, 20480, torch.bfloat16, 3, 4),
+    (1, 1, 3, 1, 128, 32, 4, 301, 320, torch.float16, 3, 0),
+    (2, 2, 4, 1, 128, 128, 5, 3000, 4096, torch.bfloat16, 4, 4),
+    (2, 1, 8, 1, 64, 64, 5, 777, 800, torch.bfloat16),
     (1, 2, 8, 1, 128, 128, 1, 130, 512, torch.bfloat16, 3, 7),   # just past the first flush, odd sink count
 ]
 
@@ -462,7 +511,7 @@ def test_launch_variants_match_reference(vb, sink, kw):
     B, H, G, D, L, n = 1, 4, 4, 128, 8192, 7000
     kw = dict(kw)
     exact = kw.pop("exact_codebook", False)               # Lloyd-Max centroids off the grid: the fp16 key path
-    st, consts, meta, gen = _state(B, H, L, D, 128, 1, n - 1, torch.bfloat16, seed=11, vb=vb, sink=sink,
+    st, consts, meta, gen = _state(B, H, L, D, 128, 5, n - 1, torch.bfloat16, seed=11, vb=vb, sink=sink,
                                    key_grid=not exact)
     kn = torch.randn(B, H, 1, D, generator=gen, device="cuda").to(torch.bfloat16)
     vn = torch.randn_like(kn)
@@ -484,7 +533,7 @@ def test_dependent_launch_gives_the_same_bits(L, n):
     # PDL only moves when the split and the combine may start: every output bit must agree with the
     # serialized launch, at a size with one wave of CTAs and at one whose combine waits on a full split
     B, H, G, D = 1, 8, 4, 128
-    st, consts, meta, gen = _state(B, H, L, D, 128, 1, n - 1, torch.bfloat16, seed=21, vb=3, sink=4)
+    st, consts, meta, gen = _state(B, H, L, D, 128, 5, n - 1, torch.bfloat16, seed=21, vb=3, sink=4)
     kn = torch.randn(B, H, 1, D, generator=gen, device="cuda").to(torch.bfloat16)
     ref.append_(st, consts, kn, kn, meta)
     q = torch.randn(B, H * G, 1, D, generator=gen, device="cuda").to(torch.bfloat16)
@@ -500,7 +549,7 @@ def test_eight_warp_default_at_64k():
     # B=1, H=1, 64k: 32 splits of 2048 tokens, so the default launch takes 8 warps per CTA
     B, H, G, D, L, n = 1, 1, 4, 128, 65536, 65536
     assert cr._config(B, H, L)[0] == 8
-    st, consts, meta, gen = _state(B, H, L, D, 128, 1, n - 1, torch.bfloat16, seed=12, vb=3, sink=4)
+    st, consts, meta, gen = _state(B, H, L, D, 128, 5, n - 1, torch.bfloat16, seed=12, vb=3, sink=4)
     kn = torch.randn(B, H, 1, D, generator=gen, device="cuda").to(torch.bfloat16)
     ref.append_(st, consts, kn, kn, meta)
     q = torch.randn(B, H * G, 1, D, generator=gen, device="cuda").to(torch.bfloat16)
@@ -528,7 +577,7 @@ def test_large_queries_keep_precision():
 @needs_gpu
 def test_cuda_attend_in_a_cuda_graph():
     B, H, G, D, L = 2, 4, 4, 128, 4096
-    st, consts, meta, gen = _state(B, H, L, D, 128, 1, 3000, torch.bfloat16, seed=7)
+    st, consts, meta, gen = _state(B, H, L, D, 128, 5, 3000, torch.bfloat16, seed=7)
     kk = torch.randn(B, H, 1, D, generator=gen, device="cuda").to(torch.bfloat16)
     vv = torch.randn_like(kk)
     qq = torch.randn(B, H * G, 1, D, generator=gen, device="cuda").to(torch.bfloat16)

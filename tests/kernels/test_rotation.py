@@ -230,7 +230,38 @@ def test_bad_params_and_consts():
     with pytest.raises(ValueError, match="scale_mode"):
         CODEC.specs(64, cons, [4, 4, 0, 7, 0])
     with pytest.raises(ValueError, match="center"):
-        CODEC.specs(64, cons, [4, 4, 0, 2, 0, 4, 32])
+        CODEC.specs(64, cons, [4, 4, 0, 2, 0, 8, 32])
+    with pytest.raises(ValueError, match="fragment order need head_dim"):   # VFRAG off its shapes
+        CODEC.specs(64, _consts(64, 4, 2), [4, 2, 0, 2, 0, rot.VFRAG, 32])
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_fragment_order_round_trip_and_places(d, bits):
+    # every code of a 32-token group lands in the (lane, nibble word, nibble) of the CUDA kernel's value
+    # A fragment, and frag_unpack inverts it; fresh random codes each run
+    idx = torch.randint(0, 1 << bits, (2, 3, 96, d))
+    p = rot.frag_pack(idx, bits)
+    assert p.shape == (2, 3, 96, d * bits // 8) and p.dtype == torch.uint8
+    assert torch.equal(rot.frag_unpack(p, bits), idx.int())
+    one = torch.zeros(32, d, dtype=torch.int64)
+    for _ in range(20):
+        j, c, v = int(torch.randint(32, ())), int(torch.randint(d, ())), int(torch.randint(1, 1 << bits, ()))
+        one.zero_()
+        one[j, c] = v
+        words = rot.frag_pack(one, bits).reshape(-1).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        tt, k, t, a = j // 16, (j // 8) % 2, (j // 2) % 4, j % 2
+        g, i, h = c // (d // 8), (c % (d // 8)) // 2, c % 2
+        lane, q, n = 4 * g + t, tt * (d // 16) + i, 4 * k + 2 * a + h
+        wl = words[lane * (d * bits // 32):(lane + 1) * (d * bits // 32)]
+        assert int(words.count_nonzero()) == int((wl != 0).sum()) > 0     # only this lane's words
+        if bits == 4:
+            assert int(wl[q] >> (4 * n)) & 15 == v
+        else:
+            blk, r = divmod(q, 4)
+            w3 = wl[3 * blk:3 * blk + 3]
+            got = (int(w3[r] >> (4 * n)) & 7) if r < 3 else sum(((int(w3[u] >> (4 * n + 3)) & 1) << u) for u in range(3))
+            assert got == v
 
 
 @pytest.mark.parametrize("kb,vb,ub", [(4, 4, 0), (3, 3, 0), (4, 2, 0), (2, 2, 0), (4, 3, 1)])
@@ -366,10 +397,18 @@ def test_cache_setup_per_layer():
     from qjl_compile.cache import _codec_setup
 
     cfg = QJLConfig(method="rotation", rotation_key_bits=3, rotation_value_bits=2, rotation_initial_bits=4,
-                    initial_layers=1, rotation_unbiased=True, sink_tokens=4, seed=9)
+                    initial_layers=1, rotation_unbiased=True, sink_tokens=4, seed=9, rotation_value_layout="mma")
     c0, k0, p0 = _codec_setup(cfg, 0, 64)
     c1, k1, p1 = _codec_setup(cfg, 1, 64)
-    assert c0 is CODEC and p0 == [4, 4, 1, LSQ, 4, 0, 128] and p1 == [3, 2, 1, LSQ, 4, 0, 128]
+    # layer 0: 4-bit values at head_dim 64 are stored in fragment order; 2-bit ones stay rows
+    assert c0 is CODEC and p0 == [4, 4, 1, LSQ, 4, rot.VFRAG, 128] and p1 == [3, 2, 1, LSQ, 4, 0, 128]
+    auto = QJLConfig(method="rotation", rotation_key_bits=4, rotation_value_bits=3)       # "auto": per device
+    assert _codec_setup(auto, 0, 64)[2][5] == 0 and _codec_setup(auto, 0, 64, "cpu")[2][5] == 0
+    rows = QJLConfig(method="rotation", rotation_key_bits=4, rotation_value_bits=3, rotation_value_layout="rows")
+    mma = QJLConfig(method="rotation", rotation_key_bits=4, rotation_value_bits=3, rotation_value_layout="mma")
+    assert _codec_setup(rows, 0, 64)[2][5] == 0 and _codec_setup(mma, 0, 80)[2][5] == 0   # head_dim 80: rows
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0):
+        assert _codec_setup(auto, 0, 64, "cuda")[2][5] == rot.VFRAG
     assert k0[1].numel() == 8 and k1[1].numel() == 4 and k1[2].numel() == 4 and k1[3].shape == (64, 64)
     assert not torch.allclose(k0[0], k1[0])                     # a rotation per layer
     assert torch.equal(k1[0], _codec_setup(cfg, 1, 64)[1][0])   # deterministic
@@ -410,3 +449,28 @@ def test_cache_in_tiny_llama():
         torch.testing.assert_close(model(ids, **cache_kwargs(cache, model)).logits,
                                    model(ids, **cache_kwargs(DynamicCache(config=model.config), model)).logits,
                                    rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("preset", ["rotation4", "rotation-k4v3-match"])
+def test_value_layout_is_lossless_in_a_model(preset):
+    # the fragment order only permutes the stored bits: a model decoding through either layout gives the
+    # same logits, bit for bit (head_dim 64, chunks crossing R); "auto" on the CPU stores rows
+    from qjl_compile import QJLCache, QJLConfig
+    from qjl_compile.models import tiny_llama
+
+    model = tiny_llama(layers=2, hidden=128, heads=2, kv_heads=1)
+    ids = torch.randint(1, 512, (1, 150), generator=torch.Generator().manual_seed(1))
+    out, metas = {}, {}
+    for layout in ("rows", "mma"):
+        cache = QJLCache(model.config, 192, QJLConfig.for_model(model.config, preset, residual=32,
+                                                                 rotation_value_layout=layout))
+        with torch.no_grad():
+            out[layout] = torch.cat([model(ids[:, i:i + 50], **cache_kwargs(cache, model)).logits
+                                     for i in range(0, 150, 50)], 1)
+        metas[layout] = cache.layers[-1].meta
+    assert metas["mma"][8] & rot.VFRAG and not metas["rows"][8] & rot.VFRAG
+    assert torch.equal(out["rows"], out["mma"])
+    auto = QJLCache(model.config, 192, QJLConfig.for_model(model.config, preset, residual=32))
+    with torch.no_grad():
+        model(ids[:, :40], **cache_kwargs(auto, model))
+    assert not auto.layers[-1].meta[8] & rot.VFRAG

@@ -75,7 +75,8 @@ def check_state(st_t, st_r, consts, meta):
             side = s.name[0]
             bits = params[0] - params[2] if side == "k" else params[1]
             cb = cpu[1] if side == "k" else cpu[2]
-            ua, ub = rot.dq.unpack(a, bits).long(), rot.dq.unpack(b, bits).long()
+            unp = rot.frag_unpack if side == "v" and rot.value_frag(params) else rot.dq.unpack
+            ua, ub = unp(a, bits).long(), unp(b, bits).long()
             diff = ua != ub
             frac = diff.float().mean().item()
             assert frac < 2e-3, f"{s.name}: {frac:.1e} of the codes differ"
@@ -214,6 +215,9 @@ SMALL = [
     (1, 1, 8, 32, 130, 64, [2, 4, 0, 0, 0, 0], torch.float32, [63, 1, 2], "float", False),
     (1, 2, 4, 64, 100, 32, [4, 1, 1, 1, 3, 2], torch.float16, [33, 1, 30], None, False),
     (1, 1, 2, 32, 100, 32, [1, 2, 0, 2, 40, 0], torch.float16, [70, 3], None, True),
+    # value codes in fragment order (center bit 4, the config default at head_dim 64 / 128)
+    (1, 2, 1, 64, 170, 32, [4, 3, 0, 2, 4, 5], torch.float16, [31, 1, 1, 33, 2], None, True),
+    (2, 1, 4, 64, 140, 64, [3, 4, 0, 1, 0, 4], torch.bfloat16, [65, 1, 2], "bool", False),
 ]
 
 
@@ -277,10 +281,11 @@ def test_launcher_errors():
 
 # ---- GPU: full grid --------------------------------------------------------------------------
 FULL_STEPS = [[1, 126, 1, 1, 31, 33, 1], [128, 1, 3, 124, 1], [200, 57, 1, 31, 32, 1], [300, 5, 1]]
-PRESETS = {  # the config presets' codec params (cache: block = R), plus every option on / off
-    "rotation4": [4, 4, 0, 2, 0, 1], "rotation-k4v3": [4, 3, 0, 2, 4, 1], "rotation-k4v2": [4, 2, 0, 2, 4, 1],
-    "rotation-k4v3-match": [4, 3, 0, 1, 4, 1], "k3v3-plain": [3, 3, 0, 2, 0, 0], "k3v2-unbiased-kv": [3, 2, 1, 2, 4, 3], "k2v4-norm": [2, 4, 0, 0, 0, 2],
-    "k4v4-match-unbiased": [4, 4, 1, 1, 0, 0],
+PRESETS = {  # the config presets' codec params (cache: block = R, center bit 4: value codes in fragment
+             # order, the default for 3- and 4-bit values), plus every option on / off
+    "rotation4": [4, 4, 0, 2, 0, 5], "rotation-k4v3": [4, 3, 0, 2, 4, 5], "rotation-k4v2": [4, 2, 0, 2, 4, 1],
+    "rotation-k4v3-match": [4, 3, 0, 1, 4, 5], "k4v3-rows": [4, 3, 0, 2, 4, 1], "k3v3-plain": [3, 3, 0, 2, 0, 0],
+    "k3v2-unbiased-kv": [3, 2, 1, 2, 4, 3], "k2v4-norm": [2, 4, 0, 0, 0, 6], "k4v4-match-unbiased": [4, 4, 1, 1, 0, 4],
 }
 
 
