@@ -37,10 +37,11 @@ values() and scores() use them in place of their codes (the codes stay stored, t
 other buffer is unchanged). Cost: t * (16 D + 16) / (block * D) bits per key (value) value, counted
 from the buffers. Only the reference implements it; the fused GPU kernels refuse it.
 
-Value codes in fragment order (params ``center`` bit VFRAG = 4, QJLConfig.rotation_value_layout="mma",
-the default where head_dim is 64 or 128 and values have 3 or 4 bits): ``vidx`` holds the same bits,
-permuted within each 32-token group into the order of the CUDA kernel's value MMA fragments
-(`frag_pack`); every reader (this reference, the Triton and CUDA kernels) decodes it.
+The kernel layout (params ``center`` bit VFRAG = 4, QJLConfig.rotation_value_layout "mma", or "auto"
+on a CUDA device; head_dim 64 or 128, 3- or 4-bit values): ``vidx`` holds the same bits permuted within
+each 32-token group into the order of the CUDA kernel's value MMA fragments (`frag_pack`), and 4-bit
+codes (keys and values) are stored sign-magnitude (`sm_relabel`); every reader (this reference, the
+Triton and CUDA kernels) decodes it (`code_indices`).
 
 Buffers (`specs`, rows indexed by position // per):
     kidx  (per 1, (D*bk/8,) uint8)   bk = key_bits - unbiased, LSB-first (3 bits: 8 codes / 3 bytes)
@@ -136,8 +137,32 @@ def frag_unpack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def value_frag(params) -> bool:
-    """Whether the value codes are stored in fragment order (params center & VFRAG)."""
+    """Whether the cache is in the kernel layout (params center & VFRAG): value codes in fragment order
+    and 4-bit codes in sign-magnitude order (`sm_relabel`)."""
     return len(params) >= NPARAMS and bool(int(params[5]) & VFRAG)
+
+
+def sm_relabel(idx: torch.Tensor) -> torch.Tensor:
+    """4-bit codes of a symmetric codebook, c <-> c ^ (7 * bit3(c)) (its own inverse): bit 3 stays the
+    half (c >= 8: positive), bits 0-2 become the index of the code's mirror image below 8 when c >= 8.
+    Stored so, the CUDA kernel's lookup masks bits 0-2 instead of recomputing them (lut_i8 / lut8:
+    2 of 11 integer ops per 8 codes)."""
+    return idx ^ (7 * (idx >> 3))
+
+
+def code_indices(codes: torch.Tensor, bits: int, params, values: bool) -> torch.Tensor:
+    """Codebook indices (..., N, D) int32 of stored key or value codes, whatever the layout."""
+    kernel = value_frag(params)
+    idx = frag_unpack(codes, bits) if kernel and values else dq.unpack(codes, bits)
+    return sm_relabel(idx) if kernel and bits == 4 else idx
+
+
+def store_codes(idx: torch.Tensor, bits: int, params, values: bool) -> torch.Tensor:
+    """Inverse of `code_indices`: indices -> stored uint8 codes in the params' layout."""
+    kernel = value_frag(params)
+    if kernel and bits == 4:
+        idx = sm_relabel(idx)
+    return frag_pack(idx, bits) if kernel and values else dq.pack(idx.to(torch.int32), bits)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,11 +323,11 @@ def quantize(x: torch.Tensor, Pi: torch.Tensor, cb: torch.Tensor, scale_mode: in
     return dq.pack(idx.to(torch.int32), bits), a.to(side_dtype)
 
 
-def rotated(codes: torch.Tensor, scale: torch.Tensor, cb: torch.Tensor, frag: bool = False) -> torch.Tensor:
+def rotated(codes: torch.Tensor, scale: torch.Tensor, cb: torch.Tensor, params=None, values: bool = False) -> torch.Tensor:
     """Decoded vectors in the rotated space, a * codebook[idx], (..., N, D) fp32 (x_hat = this @ Pi).
-    frag: the codes are in fragment order (`frag_pack`)."""
+    params / values: the layout of the stored codes (`code_indices`; None: rows)."""
     bits = int(cb.numel()).bit_length() - 1
-    idx = frag_unpack(codes, bits) if frag else dq.unpack(codes, bits)
+    idx = code_indices(codes, bits, params, values) if params is not None else dq.unpack(codes, bits)
     return cb.to(codes.device)[idx.long()] * scale.float().unsqueeze(-1)
 
 
@@ -457,10 +482,12 @@ class RotationCodec(Codec):
             out = list(quantize_unbiased(xk, Pi, cbk, S, sm, side_dtype))
         else:
             out = list(quantize(xk, Pi, cbk, sm, side_dtype))
+        if value_frag(params) and kb - ub == 4:
+            out[0] = store_codes(dq.unpack(out[0], 4), 4, params, False)
         out += [mk] if mk is not None else []
         vc, vs = quantize(xv, Pi, cbv, sm, side_dtype)
         if value_frag(params):
-            vc = frag_pack(dq.unpack(vc, vb), vb)
+            vc = store_codes(dq.unpack(vc, vb), vb, params, True)
         out += [vc, vs]
         out += [mv] if mv is not None else []
         if sink:  # the whole block; append_ keeps the rows of a head-only buffer that exist
@@ -471,12 +498,12 @@ class RotationCodec(Codec):
             # is the same for every block; in block 0 a sink token may take an outlier slot)
             parts = self._split(out, params[:NPARAMS])
             if tk:
-                kh = self._rot(parts[0], cbk, block) @ Pi
+                kh = self._rot(parts[0], cbk, block, params) @ Pi
                 if parts[0][2] is not None:
                     kh = kh + residual_keys(parts[0][2][0], parts[0][2][1], S)
                 out += list(_pick_outliers(k, kh, tk, block, side_dtype))
             if tv:
-                vh = self._rot(parts[1], cbv, block, value_frag(params)) @ Pi
+                vh = self._rot(parts[1], cbv, block, params, True) @ Pi
                 out += list(_pick_outliers(v, vh, tv, block, side_dtype))
         return out
 
@@ -513,10 +540,10 @@ class RotationCodec(Codec):
         return ko, vo
 
     @staticmethod
-    def _rot(part, cb, block, frag=False):
+    def _rot(part, cb, block, params=None, values=False):
         """Decoded vectors in the rotated space: Pi mu_block + a_j codebook[idx_j], (B, H, N, D) fp32."""
         codes, scale, _, mean = part
-        x = rotated(codes, scale, cb, frag)
+        x = rotated(codes, scale, cb, params, values)
         if mean is not None:
             x = x + mean.float().repeat_interleave(block, dim=-2)[..., : x.shape[-2], :]
         return x
@@ -524,7 +551,7 @@ class RotationCodec(Codec):
     def keys_rotated(self, bufs, consts, params):
         """MSE part of the keys in the rotated space (sinks and the QJL residual not included)."""
         kp, _, _ = self._split(bufs, params)
-        return self._rot(kp, consts[1], parse(params)[6])
+        return self._rot(kp, consts[1], parse(params)[6], params)
 
     def keys(self, bufs, consts, params):
         kp, _, sinks = self._split(bufs, params)
@@ -540,7 +567,7 @@ class RotationCodec(Codec):
         """Pi mu_block + a_j codebook_v[idx_j], (B, H, N, D): what the fused kernel accumulates
         (rotate back once); sinks not included."""
         _, vp, _ = self._split(bufs, params)
-        return self._rot(vp, consts[2], parse(params)[6], value_frag(params))
+        return self._rot(vp, consts[2], parse(params)[6], params, True)
 
     def values(self, bufs, consts, params):
         _, _, sinks = self._split(bufs, params)
@@ -585,10 +612,11 @@ class RotationCodec(Codec):
         return s
 
 
-def cb_rows(codes, cb):
-    """codebook[idx] per token, (..., N, D) fp32 (no scale)."""
+def cb_rows(codes, cb, params=None, values=False):
+    """codebook[idx] per token, (..., N, D) fp32 (no scale); params / values: the layout (`code_indices`)."""
     bits = int(cb.numel()).bit_length() - 1
-    return cb.to(codes.device)[dq.unpack(codes, bits).long()]
+    idx = code_indices(codes, bits, params, values) if params is not None else dq.unpack(codes, bits)
+    return cb.to(codes.device)[idx.long()]
 
 
 def _with_sink(x, sinks, i):

@@ -66,7 +66,8 @@
 #define CW (CPL / 8)            // value code words per lane group and token, 8 codes a word in nibbles
 #define NT (D / 16)             // value M-tiles
 #ifndef VFRAG
-#define VFRAG 0                 // 1: value codes in fragment order (rotation.frag_pack, params center & 4)
+#define VFRAG 0                 // 1: the kernel layout (params center & 4): value codes in fragment order
+                                // (rotation.frag_pack), 4-bit codes sign-magnitude (rotation.sm_relabel)
 #endif
 #define VW (D * VB / 32)        // VFRAG: 32-bit value words per lane and group
 
@@ -99,12 +100,16 @@ struct Args {
 template <u32 S0, u32 S1>
 __device__ __forceinline__ void lut8(u32 x, const u32 (&tb)[4], u32 (&h)[4]) {
     const u32 ng = ~x & 0x88888888u;                 // bit 3 of a nibble: the code is negative
+#if VFRAG
+    const u32 m = ~x & 0x77777777u;                  // sign-magnitude storage (rotation.sm_relabel): 7 - bits 0-2
+#else
 #if FMAOFF
     u32 n7; asm("mul.hi.u32 %0, %1, %2;" : "=r"(n7) : "r"(ng), "r"(0xE0000000u));   // 7 ng / 8 = ng - ng >> 3
 #else
     const u32 n7 = ng - (ng >> 3);
 #endif
     const u32 m = (x ^ n7) & 0x77777777u;
+#endif
     const u32 mh = shr_(m, 16);
     const u32 la = prmt(tb[0], tb[1], m), lb = prmt(tb[0], tb[1], mh);
     u32 ha = prmt(tb[2], tb[3], m), hb = prmt(tb[2], tb[3], mh);
@@ -133,6 +138,9 @@ __device__ __forceinline__ void lut3(u32 x, const u32 (&tb)[4], u32 (&h)[4]) {
 // (selector bit 3 set: the selected byte's sign replicated) on the raw code; sg = 0x80808080 comes from
 // memory (lut[10]) so that ptxas keeps it in one register instead of re-materializing it per PRMT.
 __device__ __forceinline__ void lut_i8(u32 x, u32 t0, u32 t1, u32 sg, u32 (&o)[2]) {
+#if VFRAG
+    const u32 m = x & 0x77777777u;                   // sign-magnitude storage (rotation.sm_relabel): 15 - c stored
+#else
     const u32 ps = x & 0x88888888u;                  // bit 3: code >= 8, looked up as 15 - c = c ^ 15
 #if FMAOFF
     u32 n7; asm("mul.hi.u32 %0, %1, %2;" : "=r"(n7) : "r"(ps), "r"(0xE0000000u));
@@ -140,6 +148,7 @@ __device__ __forceinline__ void lut_i8(u32 x, u32 t0, u32 t1, u32 sg, u32 (&o)[2
     const u32 n7 = ps - (ps >> 3);
 #endif
     const u32 m = (x ^ n7) & 0x77777777u;
+#endif
     o[0] = prmt(t0, t1, m) ^ prmt(sg, sg, x);
     o[1] = prmt(t0, t1, shr_(m, 16)) ^ prmt(sg, sg, shr_(x, 16));
 }
@@ -431,30 +440,9 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
             // value codes first (their latency overlaps the scoring): tokens 2t, 2t+1, 2t+8, 2t+9 of
             // each tile, lane group g's CB bytes
 #if VFRAG
-            // fragment order (rotation.frag_pack): this lane's VW words, nibble word tt NT + i = the 8 codes
-            // of M-tile i's A fragment in tile tt; 3 bits: every 4 nibble words stored as 3
-            u32 nwd[2 * NT];
-            {
-                u32 vw[VW];
-                const u8* vp = G_V + lane * (4 * VW);
-                if constexpr (VW % 4 == 0) load_words<VW>(vw, vp);
-                else {
-#pragma unroll
-                    for (int i = 0; i < VW; i += 2) { const uint2 v = *(const uint2*)(vp + 4 * i); vw[i] = v.x; vw[i + 1] = v.y; }
-                }
-#pragma unroll
-                for (int jb = 0; jb < (VB == 3 ? 2 * NT / 4 : 0); ++jb) {
-                    const u32 w0 = vw[3 * jb], w1 = vw[3 * jb + 1], w2 = vw[3 * jb + 2];
-                    nwd[4 * jb] = w0 & 0x77777777u;
-                    nwd[4 * jb + 1] = w1 & 0x77777777u;
-                    nwd[4 * jb + 2] = w2 & 0x77777777u;
-                    nwd[4 * jb + 3] = frag3(w0, w1, w2);
-                }
-                if constexpr (VB == 4) {
-#pragma unroll
-                    for (int i = 0; i < 2 * NT; ++i) nwd[i] = vw[i];
-                }
-            }
+            // fragment order (rotation.frag_pack): this lane's VW words; tile tt's are the VW / 2 from word
+            // tt VW / 2 on, read where they are used (all VW live at once spill at 4 bits)
+            const u8* vlane = G_V + lane * (4 * VW);
 #else
             u32 cwt[2][4][CW];
 #pragma unroll
@@ -568,11 +556,34 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
                 const u32 b0 = movt(pack2(pr[tt][0] * b0s, pr[tt][1] * b0s));   // tokens 2t, 2t+1 of row g
                 const u32 b1 = movt(pack2(pr[tt][2] * b8s, pr[tt][3] * b8s));   // tokens 2t+8, 2t+9
 #if VFRAG
+                // nibble word i = the 8 codes of M-tile i's A fragment; 3 bits: every 4 stored as 3
+                u32 vw[VW / 2], nwd[NT];
+                {
+                    const u8* vp = vlane + tt * (2 * VW);
+                    if constexpr ((VW / 2) % 4 == 0) load_words<VW / 2>(vw, vp);
+                    else {
+#pragma unroll
+                        for (int i = 0; i < VW / 2; i += 2) { const uint2 v = *(const uint2*)(vp + 4 * i); vw[i] = v.x; vw[i + 1] = v.y; }
+                    }
+                }
+                if constexpr (VB == 3) {
+#pragma unroll
+                    for (int jb = 0; jb < NT / 4; ++jb) {
+                        const u32 w0 = vw[3 * jb], w1 = vw[3 * jb + 1], w2 = vw[3 * jb + 2];
+                        nwd[4 * jb] = w0 & 0x77777777u;
+                        nwd[4 * jb + 1] = w1 & 0x77777777u;
+                        nwd[4 * jb + 2] = w2 & 0x77777777u;
+                        nwd[4 * jb + 3] = frag3(w0, w1, w2);
+                    }
+                } else {
+#pragma unroll
+                    for (int i = 0; i < NT; ++i) nwd[i] = vw[i];
+                }
 #pragma unroll
                 for (int i = 0; i < NT; ++i) {          // nibbles 4k + 2a + h: (a0, a1, a2, a3) of M-tile i
                     u32 v4[4];
-                    if constexpr (VB == 3) lut3<0x6240, 0x7351>(nwd[tt * NT + i], tv, v4);
-                    else lut8<0x6240, 0x7351>(nwd[tt * NT + i], tv, v4);
+                    if constexpr (VB == 3) lut3<0x6240, 0x7351>(nwd[i], tv, v4);
+                    else lut8<0x6240, 0x7351>(nwd[i], tv, v4);
                     mma_h16(acc[i], v4[0], v4[1], v4[2], v4[3], b0, b1);
                 }
 #else

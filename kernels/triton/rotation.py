@@ -258,7 +258,10 @@ def _compress(
                 tl.store(VSINK + so, _to_side(v.to(tl.float32), SIDE, EMU), mask=sm)
             xk = k.to(tl.float32) - mu_k[None, :]
             ik, ck, ak, rk = _quantize(xk, PiT, d_ok, BDK, CBK, sqrt_d, NLK, SMODE, PREC)
-            _store_codes(KIDX, row, ik, KB, D, DP)
+            if VFR and KB == 4:                              # kernel layout: 4-bit codes sign-magnitude
+                _store_codes(KIDX, row, ik ^ (7 * (ik >> 3)), KB, D, DP)
+            else:
+                _store_codes(KIDX, row, ik, KB, D, DP)
             ak_s = _to_side(ak, SIDE, EMU)
             tl.store(KSCALE + row, ak_s)
             if UB:                                           # 1-bit QJL sketch of the residual
@@ -270,7 +273,7 @@ def _compress(
             xv = v.to(tl.float32) - mu_v[None, :]
             iv, cv, av, _ = _quantize(xv, PiT, d_ok, BDV, CBV, sqrt_d, NLV, SMODE, PREC)
             if VFR:
-                _store_codes_frag(VIDX, bh * LC + p0 + s0, iv, VB, D)
+                _store_codes_frag(VIDX, bh * LC + p0 + s0, iv ^ (7 * (iv >> 3)) if VB == 4 else iv, VB, D)
             else:
                 _store_codes(VIDX, row, iv, VB, D, DP)
             tl.store(VSCALE + row, _to_side(av, SIDE, EMU))
@@ -347,6 +350,8 @@ def _attend_split(
             ok = pos < hi_c
             rows = bh * LC + pos
             ik = _unpack(KIDX, rows, ok, BT, NBK, KB, D, DP)
+            if VFR and KB == 4:
+                ik = ik ^ (7 * (ik >> 3))
             ck = tl.load(CBK + ik, mask=d_ok[None, :], other=0.0)             # (BT, DP) codebook values
             s = tl.dot(pq_dt, tl.trans(ck))                                    # (BM, BT)
             ak = tl.load(KSCALE + rows, mask=ok, other=0.0).to(tl.float32)
@@ -371,6 +376,8 @@ def _attend_split(
             av = tl.load(VSCALE + rows, mask=ok, other=0.0).to(tl.float32)
             if VFR:
                 iv = _unpack_frag(VIDX, rows, ok, BT, VB, D)
+                if VB == 4:
+                    iv = iv ^ (7 * (iv >> 3))
             else:
                 iv = _unpack(VIDX, rows, ok, BT, NBV, VB, D, DP)
             cv = tl.load(CBV + iv, mask=d_ok[None, :], other=0.0)

@@ -37,10 +37,10 @@ def prmt(a, b, s):
     return out
 
 
-def lut8(x, tb, s0, s1):
-    """rot_decode.cu lut8, op for op."""
+def lut8(x, tb, s0, s1, sm=False):
+    """rot_decode.cu lut8, op for op (sm: VFRAG, codes stored sign-magnitude)."""
     ng = ~x & 0x88888888
-    m = (x ^ ((ng - (ng >> 3)) & M32)) & 0x77777777
+    m = (~x & 0x77777777) if sm else (x ^ ((ng - (ng >> 3)) & M32)) & 0x77777777
     mh = m >> 16
     la, lb = prmt(tb[0], tb[1], m), prmt(tb[0], tb[1], mh)
     ha, hb = prmt(tb[2], tb[3], m), prmt(tb[2], tb[3], mh)
@@ -73,6 +73,10 @@ def test_lookup_decodes_every_code(bits):
         got = sum((halves(h) for h in lut8(x, tb, 0x6240, 0x7351)), [])
         want = [cb16[codes[i]] for i in (0, 2, 1, 3, 4, 6, 5, 7)]
         assert got == want, hex(x)
+        # the kernel layout (VFRAG) stores sm_relabel(c)
+        xs = sum(int(rot.sm_relabel(torch.tensor(c))) << (4 * i) for i, c in enumerate(codes))
+        assert sum((halves(h) for h in lut8(xs, tb, 0x6240, 0x7351, sm=True)), []) == want, hex(x)
+        assert sum((halves(h) for h in lut8(xs, tb, 0x5140, 0x7362, sm=True)), []) == [cb16[c] for c in codes]
 
 
 def spread3(x):
@@ -205,10 +209,10 @@ def test_key_fragments_cover_every_channel_once(D):
                 == list(range(cpt * t + 8 * w, cpt * t + 8 * w + 8))
 
 
-def lut_i8(x, t0, t1, sg=0x80808080):
-    """rot_decode.cu lut_i8, op for op."""
+def lut_i8(x, t0, t1, sg=0x80808080, sm=False):
+    """rot_decode.cu lut_i8, op for op (sm: VFRAG, codes stored sign-magnitude)."""
     ps = x & 0x88888888
-    m = (x ^ ((ps - (ps >> 3)) & M32)) & 0x77777777
+    m = (x & 0x77777777) if sm else (x ^ ((ps - (ps >> 3)) & M32)) & 0x77777777
     return [prmt(t0, t1, m) ^ prmt(sg, sg, x), prmt(t0, t1, m >> 16) ^ prmt(sg, sg, x >> 16)]
 
 
@@ -269,6 +273,10 @@ def test_int8_lookup_decodes_every_code():
         o = lut_i8(x, t0, t1)
         got = [(o[i // 4] >> (8 * (i % 4))) & 0xFF for i in range(8)]
         assert got == [lv[c] for c in codes], hex(x)
+        # the kernel layout stores sm_relabel(c): the same levels from one mask
+        xs = sum(int(rot.sm_relabel(torch.tensor(c))) << (4 * i) for i, c in enumerate(codes))
+        o = lut_i8(xs, t0, t1, sm=True)
+        assert [(o[i // 4] >> (8 * (i % 4))) & 0xFF for i in range(8)] == [lv[c] for c in codes], hex(x)
     assert "off the int8 grid" in cr.int8_words(rot.codebook(4))
     assert "8-entry" in cr.int8_words(rot.codebook(3))
 
@@ -356,6 +364,8 @@ CONFIGS = [dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=1, MK=4, CAUSAL=0, CAUSAL_C
                 NSINK=4, FMAOFF=1, KI8=1, PK=1, VFRAG=1),
            dict(D=128, KB=4, VB=4, RR=128, NW=8, QDT=1, MK=4, CAUSAL=0, CAUSAL_C=0, CK=1, BLK=128, MINB=2, STAGES=2,
                 FMAOFF=1, KI8=1, PK=1, VFRAG=1),
+           dict(D=128, KB=4, VB=4, RR=128, NW=8, QDT=1, MK=0, CAUSAL=1, CAUSAL_C=0, CK=1, BLK=128, MINB=2, STAGES=2,
+                NSINK=4, FMAOFF=1, KI8=1, PK=1, VFRAG=1),     # rotation4 at 128k: at the 128-register cap
            dict(D=64, KB=4, VB=3, RR=64, NW=4, QDT=0, MK=2, CAUSAL=0, CAUSAL_C=0, CK=0, BLK=64, MINB=3, STAGES=2,
                 FMAOFF=0, KI8=1, PK=0, VFRAG=1),
            dict(D=64, KB=4, VB=4, RR=64, NW=4, QDT=1, MK=0, CAUSAL=1, CAUSAL_C=1, CK=1, BLK=64, MINB=3, STAGES=2,

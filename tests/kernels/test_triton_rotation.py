@@ -75,8 +75,8 @@ def check_state(st_t, st_r, consts, meta):
             side = s.name[0]
             bits = params[0] - params[2] if side == "k" else params[1]
             cb = cpu[1] if side == "k" else cpu[2]
-            unp = rot.frag_unpack if side == "v" and rot.value_frag(params) else rot.dq.unpack
-            ua, ub = unp(a, bits).long(), unp(b, bits).long()
+            ua = rot.code_indices(a, bits, params, side == "v").long()
+            ub = rot.code_indices(b, bits, params, side == "v").long()
             diff = ua != ub
             frac = diff.float().mean().item()
             assert frac < 2e-3, f"{s.name}: {frac:.1e} of the codes differ"
@@ -102,7 +102,7 @@ def check_state(st_t, st_r, consts, meta):
         elif s.name == "kres":
             f = flip["k"]
             torch.testing.assert_close(a[~f], b[~f], **tol, msg=s.name)
-            ua = rot.cb_rows(t[0], cpu[1])                     # kidx is the first buffer
+            ua = rot.cb_rows(t[0], cpu[1], params)             # kidx is the first buffer
             da = (sv["kscale"][0] - sv["kscale"][1]).abs()
             # ||r|| moves by the scale change along c, plus |r_i| on the flipped coordinate: equal on both
             # sides of boundary b_i when a = ||x|| / sqrt(D), off by 2 |b_i| |a - ||x||/sqrt(D)| <= 0.5 |b_i| |a|
