@@ -559,11 +559,15 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
                 // nibble word i = the 8 codes of M-tile i's A fragment; 3 bits: every 4 stored as 3
                 u32 vw[VW / 2], nwd[NT];
                 {
+                    // alignment: lane 4 VW bytes, tile 2 VW: 16 B (VW = 8, 16), 8 B (VW = 12), 4 B (VW = 6, D = 64 3 bits)
                     const u8* vp = vlane + tt * (2 * VW);
                     if constexpr ((VW / 2) % 4 == 0) load_words<VW / 2>(vw, vp);
-                    else {
+                    else if constexpr ((VW / 2) % 2 == 0) {
 #pragma unroll
                         for (int i = 0; i < VW / 2; i += 2) { const uint2 v = *(const uint2*)(vp + 4 * i); vw[i] = v.x; vw[i + 1] = v.y; }
+                    } else {
+#pragma unroll
+                        for (int i = 0; i < VW / 2; ++i) vw[i] = *(const u32*)(vp + 4 * i);
                     }
                 }
                 if constexpr (VB == 3) {

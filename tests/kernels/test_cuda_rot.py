@@ -173,19 +173,21 @@ def test_fragment_order_values_reach_their_mma_slots(D, vb):
         for lane in range(32):
             g, t = lane // 4, lane % 4
             w = [int(x) for x in words[grp].reshape(-1)[lane * vw:(lane + 1) * vw].tolist()]
-            nwd = []
-            if vb == 4:
-                nwd = w
-            else:
-                for jb in range(2 * nt // 4):
-                    w0, w1, w2 = w[3 * jb:3 * jb + 3]
-                    a0, a1, a2 = w0 & 0x88888888, w1 & 0x88888888, w2 & 0x88888888
-                    f3 = hi(a2, 1 << 31) + hi(a1, 1 << 30) + hi(a0, 1 << 29)
-                    assert f3 == (a0 >> 3) | (a1 >> 2) | (a2 >> 1)
-                    nwd += [w0 & 0x77777777, w1 & 0x77777777, w2 & 0x77777777, f3]
             for tt in range(2):
+                tw = w[tt * vw // 2:(tt + 1) * vw // 2]            # the tile's words, read where used
+                assert (4 * (lane * vw + tt * vw // 2)) % (16 if vw // 2 % 4 == 0 else 8 if vw // 2 % 2 == 0 else 4) == 0
+                nwd = []
+                if vb == 4:
+                    nwd = tw
+                else:
+                    for jb in range(nt // 4):
+                        w0, w1, w2 = tw[3 * jb:3 * jb + 3]
+                        a0, a1, a2 = w0 & 0x88888888, w1 & 0x88888888, w2 & 0x88888888
+                        f3 = hi(a2, 1 << 31) + hi(a1, 1 << 30) + hi(a0, 1 << 29)
+                        assert f3 == (a0 >> 3) | (a1 >> 2) | (a2 >> 1)
+                        nwd += [w0 & 0x77777777, w1 & 0x77777777, w2 & 0x77777777, f3]
                 for i in range(nt):
-                    x = nwd[tt * nt + i]
+                    x = nwd[i]
                     for n in range(8):
                         k, a, h = n // 4, (n // 2) % 2, n % 2
                         want = int(idx[32 * grp + 16 * tt + 8 * k + 2 * t + a, (D // 8) * g + 2 * i + h])
