@@ -36,7 +36,13 @@ def _value_frag(cfg: QJLConfig, d: int, vb: int, device) -> bool:
     if cfg.rotation_value_layout == "mma":
         return True
     dev = torch.device(device) if device is not None else None
-    return dev is not None and dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 0)
+    return dev is not None and dev.type == "cuda" and _cuda_sm80(dev.index if dev.index is not None else -1)
+
+
+@torch.compiler.assume_constant_result
+def _cuda_sm80(index: int) -> bool:
+    # a constant to Dynamo: a cache's lazy first update may run while it traces a compiled prefill
+    return torch.cuda.get_device_capability(index if index >= 0 else torch.cuda.current_device()) >= (8, 0)
 
 
 def _codec_setup(cfg: QJLConfig, layer_idx: int, d: int, device=None):
@@ -155,8 +161,9 @@ class QJLLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         if self.cfg.method == "rotation" and self.cfg.rotation_value_layout == "auto":   # the layout follows the device
-            params = _codec_setup(self.cfg, self.layer_idx, self.head_dim, self.device)[2]
-            self.meta = [self.codec.id, self.cfg.residual, self.max_cache_len, *params]
+            from .kernels import rotation as rot
+            if _value_frag(self.cfg, self.head_dim, int(self.meta[4]), self.device):
+                self.meta[8] = int(self.meta[8]) | rot.VFRAG      # params center (meta = [id, R, L, *params])
         B, H, _, D = key_states.shape
         if D != self.head_dim:
             raise ValueError(f"QJLCache layer {self.layer_idx} got keys with head_dim {D}, but the cache was built "
