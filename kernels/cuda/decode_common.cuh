@@ -143,6 +143,20 @@ __device__ __forceinline__ void cp_block(u8* s, const u8* g, int lane) {
 }
 
 
+// each warp's first STAGES_ - 1 groups of [lo, hi) in flight through its stage ring (cp.async); the
+// codec's stage_group(a, stage, row, lane) copies one group (found by ADL where the codec defines it)
+template <int STAGES_, int NW_, int ST_SIZE_, class A>
+__device__ __forceinline__ void stage_prologue(const A& a, u8* wst, i64 tb, int lo, int hi, int warp, int lane) {
+    if (lo + warp * 32 < hi) {
+#pragma unroll
+        for (int s_ = 0; s_ < STAGES_ - 1; ++s_) {
+            const int gg = lo + warp * 32 + s_ * NW_ * 32;
+            if (gg < hi) stage_group(a, wst + s_ * ST_SIZE_, tb + gg, lane);
+            cp_commit();
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The decode skeleton's shared steps. Layout they assume (every codec's split kernel): a warp owns
 // 32-token groups as two 16-token m16n8 tiles; score s[tile][e] is token g (e < 2) or g + 8 (e >= 2)

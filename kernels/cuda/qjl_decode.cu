@@ -139,14 +139,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
     // the next groups are in flight while this one is computed; the first ones before anything of
     // qjl_prep's is waited for (PDL)
     u8* wst = dsm + warp * (STAGES * ST_SIZE);
-    if (lo + warp * 32 < hi) {
-#pragma unroll
-        for (int s_ = 0; s_ < STAGES - 1; ++s_) {
-            const int gg = lo + warp * 32 + s_ * NW * 32;
-            if (gg < hi) stage_group(a, wst + s_ * ST_SIZE, tb + gg, lane);
-            cp_commit();
-        }
-    }
+    stage_prologue<STAGES, NW, ST_SIZE>(a, wst, tb, lo, hi, warp, lane);
 #endif
     for (int i = threadIdx.x; i < 8 * D; i += NW * 32) {
         const int r = i / D, d = i % D;

@@ -226,14 +226,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
     // q' . mu table and the operand setup
     const i64 tb = (i64)bh * a.LC;
     u8* wst = dsm + warp * (STAGES * ST_SIZE);
-    if (lo + warp * 32 < hi) {
-#pragma unroll
-        for (int s_ = 0; s_ < STAGES - 1; ++s_) {
-            const int gg = lo + warp * 32 + s_ * NW * 32;
-            if (gg < hi) stage_group(a, wst + s_ * ST_SIZE, tb + gg, lane);
-            cp_commit();
-        }
-    }
+    stage_prologue<STAGES, NW, ST_SIZE>(a, wst, tb, lo, hi, warp, lane);
 #if FUSEQ
     __shared__ float qsc[8];                        // 2^e per row
     __shared__ float qsg[8];                        // KI8: sigma per row

@@ -40,3 +40,15 @@ def capture_decode(append, attend, st, consts, kk, vv, qq, meta):
         append(st, consts, kk, vv, meta)
         out = attend(qq, st, consts, kk, vv, None, True, None, meta)
     return g, out
+
+
+def assert_pdl_same_bits(attend, st, consts, meta, gen, B, H, G, D):
+    """One decode step through `attend` with programmatic dependent launch on (three times) and off:
+    PDL only moves when the split and the combine may start, so every output bit must agree."""
+    kn = torch.randn(B, H, 1, D, generator=gen, device="cuda").to(torch.bfloat16)
+    from qjl_compile.kernels import reference as ref
+    ref.append_(st, consts, kn, kn, meta)
+    q = torch.randn(B, H * G, 1, D, generator=gen, device="cuda").to(torch.bfloat16)
+    off = attend(q, st, consts, kn, kn, None, True, None, meta, pdl=False)
+    for _ in range(3):
+        assert torch.equal(attend(q, st, consts, kn, kn, None, True, None, meta, pdl=True), off)

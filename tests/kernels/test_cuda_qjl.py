@@ -11,7 +11,7 @@ from qjl_compile.kernels import reference as ref
 from qjl_compile.kernels.cuda import available
 from qjl_compile.kernels.cuda import qjl as cq
 
-from kernel_env import CUDA, INTERP, capture_decode, gpu
+from kernel_env import CUDA, INTERP, assert_pdl_same_bits, capture_decode, gpu
 
 nvrtc_ok = pytest.mark.skipif(not available()[0], reason=available()[1] or "NVRTC available")
 needs_gpu = pytest.mark.skipif(not CUDA or INTERP or not available()[0], reason="needs CUDA and cuda-bindings")
@@ -273,13 +273,7 @@ def test_dependent_launch_gives_the_same_bits(L, n):
     # PDL only moves when the split and the combine may start: the bits must equal the serialized launch
     B, H, G, D = 1, 8, 4, 128
     st, consts, meta, gen = _state(B, H, L, D, 256, 128, 8, 2, 32, 128, n - 1, torch.bfloat16, seed=23)
-    kn = torch.randn(B, H, 1, D, generator=gen, device="cuda").to(torch.bfloat16)
-    ref.append_(st, consts, kn, kn, meta)
-    q = torch.randn(B, H * G, 1, D, generator=gen, device="cuda").to(torch.bfloat16)
-    on = [cq.qjl_attend_cuda(q, st, consts, kn, kn, None, True, None, meta, pdl=True) for _ in range(3)]
-    off = cq.qjl_attend_cuda(q, st, consts, kn, kn, None, True, None, meta, pdl=False)
-    for o in on:
-        assert torch.equal(o, off)
+    assert_pdl_same_bits(cq.qjl_attend_cuda, st, consts, meta, gen, B, H, G, D)
 
 
 @gpu
