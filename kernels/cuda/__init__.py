@@ -201,8 +201,14 @@ def launch(fn, grid, block, params, stream, shared: int = 0, pdl: bool = False) 
         _check(driver.cuLaunchKernel(fn, gx, gy, gz, bx, by, bz, shared, hs, ctypes.addressof(ptrs), 0),
                "cuLaunchKernel")
         return
-    _check(driver.cuLaunchKernelEx(pdl_config((gx, gy, gz), (bx, by, bz), shared, hs), fn, ctypes.addressof(ptrs), 0),
-           "cuLaunchKernelEx(PDL)")
+    key = (gx, gy, gz, bx, by, bz, shared, int(stream.cuda_stream))
+    cfg = _PDL_CFG.get(key)
+    if cfg is None:   # built once per launch shape and stream: no per-call driver structs in eager decode
+        cfg = _PDL_CFG[key] = pdl_config((gx, gy, gz), (bx, by, bz), shared, hs)
+    _check(driver.cuLaunchKernelEx(cfg, fn, ctypes.addressof(ptrs), 0), "cuLaunchKernelEx(PDL)")
+
+
+_PDL_CFG: dict = {}
 
 
 def pdl_config(grid, block, shared, hstream):
