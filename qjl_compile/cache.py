@@ -26,15 +26,19 @@ from .kernels import reference as ref
 from .kernels import ops  # noqa: F401  (registers torch.ops.qjl)
 
 
-def _value_frag(cfg: QJLConfig, d: int, vb: int, device) -> bool:
+def _value_frag(cfg: QJLConfig, d: int, kb: int, vb: int, device) -> bool:
     """Whether this rotation layer stores its value codes in MMA-fragment order (config
-    rotation_value_layout; "auto": where the CUDA C++ kernel reads them, a CUDA device of compute
-    capability >= 8.0; the Triton fallback reads them through gathers, ~1.5x slower at 128k)."""
+    rotation_value_layout; "auto": where the CUDA C++ kernel reads them, a layer it serves (4-bit keys,
+    no QJL residual, no value centering, no outlier tokens) on a CUDA device of compute capability >=
+    8.0; the Triton fallback reads them through gathers, ~1.5x slower at 128k)."""
     from .kernels import rotation as rot
     if cfg.rotation_value_layout == "rows" or d not in rot.FRAG_DIMS or vb not in rot.FRAG_BITS or cfg.residual % 32:
         return False
     if cfg.rotation_value_layout == "mma":
         return True
+    if (kb != 4 or cfg.rotation_unbiased or cfg.rotation_center in ("v", "kv")
+            or cfg.rotation_key_outliers or cfg.rotation_value_outliers):
+        return False
     dev = torch.device(device) if device is not None else None
     return dev is not None and dev.type == "cuda" and _cuda_sm80(dev.index if dev.index is not None else -1)
 
@@ -59,7 +63,7 @@ def _codec_setup(cfg: QJLConfig, layer_idx: int, d: int, device=None):
         ub = int(cfg.rotation_unbiased)
         consts = rot.make_consts(d, kb, vb, ub, cfg.seed, layer_idx, key_grid=cfg.rotation_key_grid)
         from .config import ROTATION_CENTERS
-        frag = _value_frag(cfg, d, vb, device)
+        frag = _value_frag(cfg, d, kb, vb, device)
         params = [kb, vb, ub, rot.SCALE_MODES[cfg.rotation_scale], cfg.sink_tokens,
                   ROTATION_CENTERS[cfg.rotation_center] | (rot.VFRAG if frag else 0), cfg.residual]  # block = R
         if cfg.rotation_key_outliers or cfg.rotation_value_outliers:   # opt-in (issue 17): exact outlier tokens
@@ -162,7 +166,7 @@ class QJLLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         if self.cfg.method == "rotation" and self.cfg.rotation_value_layout == "auto":   # the layout follows the device
             from .kernels import rotation as rot
-            if _value_frag(self.cfg, self.head_dim, int(self.meta[4]), self.device):
+            if _value_frag(self.cfg, self.head_dim, int(self.meta[3]), int(self.meta[4]), self.device):
                 self.meta[8] = int(self.meta[8]) | rot.VFRAG      # params center (meta = [id, R, L, *params])
         B, H, _, D = key_states.shape
         if D != self.head_dim:

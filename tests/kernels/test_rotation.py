@@ -409,6 +409,13 @@ def test_cache_setup_per_layer():
     assert _codec_setup(rows, 0, 64)[2][5] == 0 and _codec_setup(mma, 0, 80)[2][5] == 0   # head_dim 80: rows
     if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0):
         assert _codec_setup(auto, 0, 64, "cuda")[2][5] == rot.VFRAG
+    # "auto" keeps rows for layers the CUDA kernel does not serve (the Triton fallback would gather):
+    # decided before any device query, so this holds on a machine without CUDA too
+    from qjl_compile.cache import _value_frag
+    for kw in (dict(rotation_key_bits=3), dict(rotation_unbiased=True), dict(rotation_center="kv"),
+               dict(rotation_key_outliers=1)):
+        c = QJLConfig(method="rotation", **{"rotation_key_bits": 4, "rotation_value_bits": 3, **kw})
+        assert not _value_frag(c, 64, c.rotation_key_bits, 3, "cuda"), kw
     assert k0[1].numel() == 8 and k1[1].numel() == 4 and k1[2].numel() == 4 and k1[3].shape == (64, 64)
     assert not torch.allclose(k0[0], k1[0])                     # a rotation per layer
     assert torch.equal(k1[0], _codec_setup(cfg, 1, 64)[1][0])   # deterministic
