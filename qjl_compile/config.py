@@ -94,9 +94,10 @@ class QJLConfig:
         the CUDA C++ kernel's value MMA fragments (kernels/rotation.py ``frag_pack``: the same bits, no
         3-bit unpacking across bytes in the kernel; H200 k4v3-match 70.9 against 76.5 us at 128k), for
         head_dim 64 / 128 and 3- or 4-bit values with R a multiple of 32; other layers keep "rows"
-        (codes per token, channel order). "auto" (default): "mma" for a cache on a CUDA device of
-        compute capability >= 8.0 (where that kernel runs), "rows" elsewhere (the Triton fallback
-        and the CPU reference read both; Triton reads "mma" through gathers, ~1.5x slower).
+        (codes per token, channel order). "auto" (default): "mma" for the layers that kernel serves (4-bit
+        keys, no QJL residual, no value centering, no outlier tokens) in a cache on a CUDA device of
+        compute capability >= 8.0, "rows" elsewhere (the Triton fallback and the CPU reference read
+        both; Triton reads "mma" through gathers, ~1.5x slower).
     sink_tokens : int
         The first ``sink_tokens`` positions are kept exact (attention sink); rotation codec only.
     seed : int
