@@ -136,6 +136,43 @@ __device__ __forceinline__ void cp8(void* s, const void* g) {
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
 
+// cp.async to a 32-bit shared address (no generic-to-shared conversion per copy)
+__device__ __forceinline__ void cp16s(u32 s, const void* g) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(s), "l"(g));
+}
+
+// One cp.async stream of the split's stage ring: every 32-token group's rows (ROWB bytes each,
+// contiguous in global memory) go to byte OFF of a stage. The lane's source pointer moves one ring
+// step (NW_ groups) per group, so a group's copies cost one 64-bit add and cp.asyncs with immediate
+// offsets: recomputing every copy's addresses from the row (stage_group) was 85 of rot_split's ~680
+// loop instructions a group, most of them on the ALU pipe that the operand lookups keep busy.
+template <int ROWB, int OFF, int NW_>
+struct CpStream {
+    const u8* p;
+    __device__ __forceinline__ CpStream(const void* base, i64 row, int lane)
+        : p((const u8*)base + row * ROWB + 16 * lane) {}
+    // st: the stage's shared address + 16 lane
+    __device__ __forceinline__ void issue(u32 st, int lane) const {
+        constexpr int BYTES = 32 * ROWB;
+#pragma unroll
+        for (int o = 0; o < BYTES; o += 512)
+            if (BYTES - o >= 512 || 16 * lane < BYTES - o) cp16s(st + OFF + o, p + o);
+    }
+    __device__ __forceinline__ void step() { p += NW_ * 32 * ROWB; }
+};
+
+// each warp's first STAGES_ - 1 groups of [lo, hi) in flight through its ring (S: the codec's streams,
+// positioned at the warp's first group; left at the group the loop prefetches first)
+template <int STAGES_, int NW_, int ST_SIZE_, class S>
+__device__ __forceinline__ void stream_prologue(S& s, u32 sb, int lo, int hi, int warp, int lane) {
+#pragma unroll
+    for (int s_ = 0; s_ < STAGES_ - 1; ++s_) {
+        if (lo + warp * 32 + s_ * NW_ * 32 < hi) s.issue(sb + s_ * ST_SIZE_, lane);
+        cp_commit();
+        s.step();
+    }
+}
+
 template <int BYTES>
 __device__ __forceinline__ void cp_block(u8* s, const u8* g, int lane) {
 #pragma unroll

@@ -81,23 +81,46 @@ struct Args {
 #define ST_ZERO (ST_SCALE + 64 * (D / VG))
 #define ST_SIZE (ST_ZERO + 64 * (D / VG))
 
-// copy the group whose first token row is `row` (b, h, position) into stage `st`
-__device__ __forceinline__ void stage_group(const Args& a, u8* st, i64 row, int lane) {
-    cp_block<32 * (MS / 8)>(st + ST_BITS, a.kbits + row * (MS / 8), lane);
-    cp_block<64>(st + ST_NORM, (const u8*)(a.knorm + row), lane);
+// the cp.async streams of a group (decode_common.cuh CpStream), positioned at token row `row` (b, h, position)
+struct Streams {
+    CpStream<MS / 8, ST_BITS, NW> bits;
+    CpStream<2, ST_NORM, NW> norm;
 #if MO > 0
-    cp_block<32 * (MO / 8)>(st + ST_OBITS, a.kobits + row * (MO / 8), lane);
-    cp_block<64>(st + ST_ONORM, (const u8*)(a.konorm + row), lane);
+    CpStream<MO / 8, ST_OBITS, NW> obits;
+    CpStream<2, ST_ONORM, NW> onorm;
+#endif
+    const u8* idx;          // the group's NO outlier channels (NO bytes a group)
+    CpStream<D * VB / 8, ST_CODE, NW> code;
+    CpStream<2 * (D / VG), ST_SCALE, NW> scale;
+    CpStream<2 * (D / VG), ST_ZERO, NW> zero;
+    __device__ __forceinline__ Streams(const Args& a, i64 row, int lane)
+        : bits(a.kbits, row, lane), norm(a.knorm, row, lane),
+#if MO > 0
+          obits(a.kobits, row, lane), onorm(a.konorm, row, lane),
+#endif
+          idx(a.kidx + row / 32 * NO), code(a.vcode, row, lane), scale(a.vscale, row, lane), zero(a.vzero, row, lane) {}
+    __device__ __forceinline__ void issue(u32 st, int lane) const {
+        bits.issue(st, lane); norm.issue(st, lane);
+#if MO > 0
+        obits.issue(st, lane); onorm.issue(st, lane);
 #endif
 #if NO == 8
-    if (lane == 0) cp8(st + ST_IDX, a.kidx + row / 32 * 8);
+        if (lane == 0) asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(st + ST_IDX), "l"(idx));
 #elif NO > 0
-    if (lane < NO) st[ST_IDX + lane] = a.kidx[row / 32 * NO + lane];   // not 4-byte aligned: plain copy
+        // not 4-byte aligned: a plain copy (st: this lane's address, 16 lane past the stage)
+        if (lane < NO) asm volatile("st.shared.u8 [%0], %1;" :: "r"(st - 15 * lane + ST_IDX), "h"((u16)idx[lane]));
 #endif
-    cp_block<32 * (D * VB / 8)>(st + ST_CODE, a.vcode + row * (D * VB / 8), lane);
-    cp_block<64 * (D / VG)>(st + ST_SCALE, (const u8*)(a.vscale + row * (D / VG)), lane);
-    cp_block<64 * (D / VG)>(st + ST_ZERO, (const u8*)(a.vzero + row * (D / VG)), lane);
-}
+        code.issue(st, lane); scale.issue(st, lane); zero.issue(st, lane);
+    }
+    __device__ __forceinline__ void step() {
+        bits.step(); norm.step();
+#if MO > 0
+        obits.step(); onorm.step();
+#endif
+        idx += NW * NO;
+        code.step(); scale.step(); zero.step();
+    }
+};
 
 #ifndef MINB
 #define MINB 1
@@ -139,7 +162,9 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
     // the next groups are in flight while this one is computed; the first ones before anything of
     // qjl_prep's is waited for (PDL)
     u8* wst = dsm + warp * (STAGES * ST_SIZE);
-    stage_prologue<STAGES, NW, ST_SIZE>(a, wst, tb, lo, hi, warp, lane);
+    const u32 sb = smem_addr(wst) + 16 * lane;
+    Streams cps(a, tb + lo + warp * 32, lane);
+    stream_prologue<STAGES, NW, ST_SIZE>(cps, sb, lo, hi, warp, lane);
 #endif
     for (int i = threadIdx.x; i < 8 * D; i += NW * 32) {
         const int r = i / D, d = i % D;
@@ -264,7 +289,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
             const u8* gst = wst + (it % STAGES) * ST_SIZE;
             {
                 const int gg = g0 + (STAGES - 1) * NW * 32;
-                if (gg < hi) stage_group(a, wst + ((it + STAGES - 1) % STAGES) * ST_SIZE, tb + gg, lane);
+                if (gg < hi) cps.issue(sb + ((it + STAGES - 1) % STAGES) * ST_SIZE, lane);
+                cps.step();
                 cp_commit();
                 cp_wait<STAGES - 1>();
                 __syncwarp();

@@ -113,7 +113,7 @@ def pi_fragments(Pi: torch.Tensor) -> torch.Tensor:
 
 
 def derived(consts):
-    """(Pi fp32 contiguous, `pi_fragments` int32, lut int32 (11,), key grid step s or None) of a layer's
+    """(Pi fp32 contiguous, `pi_fragments` int32, lut int32 (15,), key grid step s or None) of a layer's
     consts, cached per Pi/codebook storage (the second element is the reason instead, when the kernel
     cannot take it; s None: the int8 key path cannot, the fp16 one runs). `prepare` fills it when a
     layer is allocated, outside any CUDA-graph capture."""
@@ -128,7 +128,9 @@ def derived(consts):
     else:
         w8 = int8_words(cbk)
         step = None if isinstance(w8, str) else w8[1]
-        words = wk + wv + ([0, 0] if step is None else w8[0]) + [0x80808080]
+        # the last 4: multipliers the split reads at run time, so that ptxas keeps its multiplies by
+        # them on the FMA pipe (as constants it turns them into LEAs / LEA.HIs, ALU like the lookups)
+        words = wk + wv + ([0, 0] if step is None else w8[0]) + [0x80808080, 1 << 30, 1 << 31, 512, 2]
         words = [w - (1 << 32) if w >= 1 << 31 else w for w in words]
         pf = Pi.detach().float()
         val = (pf.contiguous(), pi_fragments(pf).to(Pi.device),

@@ -169,14 +169,16 @@ __device__ __forceinline__ u32 spread3(u32 x) {
     return x & 0x77777777u;
 }
 
-// VFRAG, 3 bits: the 4th nibble word of a block, whose code bit r sits in bit 3 of word r's nibbles
-__device__ __forceinline__ u32 frag3(u32 w0, u32 w1, u32 w2) {
+// VFRAG, 3 bits: the 4th nibble word of a block, whose code bit r sits in bit 3 of word r's nibbles;
+// m30 / m31 = 2^30 / 2^31 from memory (lut[11], lut[12]): with constant multipliers ptxas folds the
+// mad.hi into LEA.HI, on the ALU pipe that the lookups keep busy
+__device__ __forceinline__ u32 frag3(u32 w0, u32 w1, u32 w2, u32 m30, u32 m31) {
     const u32 a0 = w0 & 0x88888888u, a1 = w1 & 0x88888888u, a2 = w2 & 0x88888888u;
 #if FMAOFF
     u32 r;                                   // a0 >> 3 | a1 >> 2 | a2 >> 1 (disjoint bits: sums) on the FMA pipe
     asm("mul.hi.u32 %0, %1, %2;" : "=r"(r) : "r"(a0), "r"(1u << 29));
-    asm("mad.hi.u32 %0, %1, %2, %0;" : "+r"(r) : "r"(a1), "r"(1u << 30));
-    asm("mad.hi.u32 %0, %1, %2, %0;" : "+r"(r) : "r"(a2), "r"(1u << 31));
+    asm("mad.hi.u32 %0, %1, %2, %0;" : "+r"(r) : "r"(a1), "r"(m30));
+    asm("mad.hi.u32 %0, %1, %2, %0;" : "+r"(r) : "r"(a2), "r"(m31));
     return r;
 #else
     return (a0 >> 3) | (a1 >> 2) | (a2 >> 1);
@@ -201,12 +203,18 @@ __device__ __forceinline__ void load_codes3(u32 (&w)[CW], const u8* p) {
 #define ST_VS (ST_V + 32 * (D * VB / 8))
 #define ST_SIZE (ST_VS + 64)
 
-__device__ __forceinline__ void stage_group(const Args& a, u8* st, i64 row, int lane) {
-    cp_block<32 * (D * KB / 8)>(st + ST_K, a.kidx + row * (D * KB / 8), lane);
-    cp_block<64>(st + ST_KS, (const u8*)(a.kscale + row), lane);
-    cp_block<32 * (D * VB / 8)>(st + ST_V, a.vidx + row * (D * VB / 8), lane);
-    cp_block<64>(st + ST_VS, (const u8*)(a.vscale + row), lane);
-}
+struct Streams {
+    CpStream<D * KB / 8, ST_K, NW> k;
+    CpStream<2, ST_KS, NW> ks;
+    CpStream<D * VB / 8, ST_V, NW> v;
+    CpStream<2, ST_VS, NW> vs;
+    __device__ __forceinline__ Streams(const Args& a, i64 row, int lane)
+        : k(a.kidx, row, lane), ks(a.kscale, row, lane), v(a.vidx, row, lane), vs(a.vscale, row, lane) {}
+    __device__ __forceinline__ void issue(u32 st, int lane) const {
+        k.issue(st, lane); ks.issue(st, lane); v.issue(st, lane); vs.issue(st, lane);
+    }
+    __device__ __forceinline__ void step() { k.step(); ks.step(); v.step(); vs.step(); }
+};
 
 extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args a) {
     const int bh = blockIdx.x, sp = blockIdx.y;
@@ -226,7 +234,9 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
     // q' . mu table and the operand setup
     const i64 tb = (i64)bh * a.LC;
     u8* wst = dsm + warp * (STAGES * ST_SIZE);
-    stage_prologue<STAGES, NW, ST_SIZE>(a, wst, tb, lo, hi, warp, lane);
+    const u32 sb = smem_addr(wst) + 16 * lane;
+    Streams cps(a, tb + lo + warp * 32, lane);
+    stream_prologue<STAGES, NW, ST_SIZE>(cps, sb, lo, hi, warp, lane);
 #if FUSEQ
     __shared__ float qsc[8];                        // 2^e per row
     __shared__ float qsg[8];                        // KI8: sigma per row
@@ -336,6 +346,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
     for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 
     if (lo + warp * 32 < hi) {
+        const u32 m30 = a.lut[11], m31 = a.lut[12];     // frag3's multipliers
 #if KI8
         // B operand of the int8 key MMAs: column g's digits at channels CPT t + 8 w + 0..7 (k-step w);
         // PK: columns 0-3 the hi digits of rows 0-3, columns 4-7 their lo digits
@@ -378,6 +389,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
         const float ri0 = qsgb[2 * t] * (0.5f * a.kstep) * a.qk_scale;
         const float ri1 = qsgb[2 * t + 1] * (0.5f * a.kstep) * a.qk_scale;
         const u32 tk0 = a.lut[8], tk1 = a.lut[9], sg = a.lut[10];
+        const int k512 = (int)a.lut[13], k2 = (int)a.lut[14];
         u32 tv[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) tv[i] = a.lut[4 + i];
@@ -420,7 +432,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
             const u8* gst = wst + (it % STAGES) * ST_SIZE;
             {
                 const int gg = g0 + (STAGES - 1) * NW * 32;
-                if (gg < hi) stage_group(a, wst + ((it + STAGES - 1) % STAGES) * ST_SIZE, tb + gg, lane);
+                if (gg < hi) cps.issue(sb + ((it + STAGES - 1) % STAGES) * ST_SIZE, lane);
+                cps.step();
                 cp_commit();
                 cp_wait<STAGES - 1>();
                 __syncwarp();
@@ -479,7 +492,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
 #else
                     const int o = cl[e];
 #endif
-                    c[e] = (float)(512 * ci[e] + (2 * o - kof[e & 1]));   // 2 sum_c B_c Q_c - 127 sum_c Q_c
+                    // 2 sum_c B_c Q_c - 127 sum_c Q_c, two IMADs (k512, k2 from memory: as constants, IMAD + LEA)
+                    c[e] = (float)(ci[e] * k512 + (o * k2 - kof[e & 1]));
                 }
                 const float q0 = ri0, q1 = ri1;
 #else
@@ -570,7 +584,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
                         nwd[4 * jb] = w0 & 0x77777777u;
                         nwd[4 * jb + 1] = w1 & 0x77777777u;
                         nwd[4 * jb + 2] = w2 & 0x77777777u;
-                        nwd[4 * jb + 3] = frag3(w0, w1, w2);
+                        nwd[4 * jb + 3] = frag3(w0, w1, w2, m30, m31);
                     }
                 } else {
 #pragma unroll
