@@ -116,7 +116,7 @@ def test_issue17_presets_bits_counted_within_targets():
     from the buffers, against the direct count: keys b + 16/D (scale) + 16/R (block mean), values
     b + 16/D, QJL keys m/D + 2*16/D (two norms) + outlier bits + 16/R."""
     mc = _smollm2_like()
-    for name in ("rotation-mixed-35", "rotation-mixed-345", "rotation-k3v3-sched"):
+    for name in ("rotation-mixed-35", "rotation-mixed-345", "rotation-k3v3-sched", "rotation-mixed-35w8"):
         cfg = QJLConfig.for_model(mc, name)
         kb = [cfg.rotation_bits(i)[0] for i in range(30)]
         vb = [cfg.rotation_bits(i)[1] for i in range(30)]
