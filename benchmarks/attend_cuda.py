@@ -25,6 +25,17 @@ from qjl_compile.config import QJLConfig  # noqa: E402
 from qjl_compile.kernels import reference as ref  # noqa: E402
 
 
+def call_args(B, L, kw):
+    """(attn_mask, is_causal, launcher kwargs) of a variant: mask=f32 / bool is HF's decode mask
+    (B, 1, 1, L) with every position visible (what the e2e decode passes), instead of is_causal."""
+    kw = dict(kw)
+    m = kw.pop("mask", None)
+    if m is None:
+        return None, True, kw
+    am = torch.ones(B, 1, 1, L, dtype=torch.bool, device="cuda")
+    return (am if m == "bool" else torch.zeros(B, 1, 1, L, device="cuda")), False, kw
+
+
 def preset_rows(B, L, names, copy_gbs, ms_sdpa, variants=(("default", {}),)):
     """Per preset (another codec): its Triton kernel and, where it covers the preset, the CUDA C++
     kernel, on one layer's cache (a layer past the initial ones), same q / timer as the QJL rows."""
@@ -56,8 +67,9 @@ def preset_rows(B, L, names, copy_gbs, ms_sdpa, variants=(("default", {}),)):
             if not why:
                 fn = getattr(mod, spec[1])
                 for vname, kw in variants:
+                    am, causal, kw = call_args(B, L, kw)
                     cands.append(("cuda" if vname == "default" else f"cuda {vname}",
-                                  lambda fn=fn, kw=kw: fn(q, st, consts, k1, v1, None, True, None, meta, **kw)))
+                                  lambda fn=fn, kw=kw, am=am, causal=causal: fn(q, st, consts, k1, v1, am, causal, None, meta, **kw)))
         if why:
             print(f"{name}: CUDA C++ kernel not run ({why})")
         for impl, fn in cands:
@@ -110,7 +122,9 @@ def rows_for(B, L, copy_gbs, variants, presets=(), pvariants=(("default", {}),))
 
     cands = [("triton v4", lambda: qjl_attend(q, st, consts, k1, v1, None, True, None, meta))]
     for name, kw in variants:
-        cands.append((f"cuda {name}", lambda kw=kw: qjl_attend_cuda(q, st, consts, k1, v1, None, True, None, meta, **kw)))
+        am, causal, kw = call_args(B, L, kw)
+        cands.append((f"cuda {name}", lambda kw=kw, am=am, causal=causal: qjl_attend_cuda(q, st, consts, k1, v1, am, causal,
+                                                                                      None, meta, **kw)))
     for name, fn in cands:
         o = fn()
         e = err(o)
@@ -153,8 +167,14 @@ def parse_variants(text):
                 kw["key_int8"] = bool(int(val))
             elif key == "pdl":
                 kw["pdl"] = bool(int(val))
+            elif key == "pipe":
+                kw["pipe"] = bool(int(val))
+            elif key == "mask":                       # HF's decode mask (B, 1, 1, L), all visible: f32 / bool
+                if val not in ("f32", "bool"):
+                    raise SystemExit(f"mask={val!r}: f32 or bool")
+                kw["mask"] = val
             else:
-                raise SystemExit(f"unknown variant key {key!r} (nw, ns, st, sqsmem, minb, pk, fo, fq, ki, pdl)")
+                raise SystemExit(f"unknown variant key {key!r} (nw, ns, st, sqsmem, minb, pk, fo, fq, ki, pdl, pipe, mask)")
         variants.append((v, kw))
     return variants
 

@@ -202,35 +202,45 @@ __device__ __forceinline__ void stage_prologue(const A& a, u8* wst, i64 tb, int 
 // ---------------------------------------------------------------------------------------------
 
 // online softmax over a group's 32 scores (log2 units): updates the running max m_r / sum l_r of
-// rows 2t + j (uniform over the 8 lanes of equal t), returns the probabilities in pr and rescales
-// acc only when a running max moved (warp-uniform branch: after the first groups it rarely does)
+// rows 2t + j (uniform over the 8 lanes of equal t; mu_r: m_r, or 0 while it is -inf), returns the
+// probabilities in pr. Lazy: the max is reduced across the warp and acc rescaled only when some score
+// exceeds the running max (a warp vote on the lanes' own maxima); after the first groups that is rare,
+// and the common path skips the 6 shuffles, their 6 FMNMX and the rescale factors (exact either way:
+// with no score above m_r, the new max is m_r)
 template <int NT_>
-__device__ __forceinline__ void softmax_step(const float (&s)[2][4], float (&m_r)[2], float (&l_r)[2],
+__device__ __forceinline__ void softmax_step(const float (&s)[2][4], float (&m_r)[2], float (&mu_r)[2], float (&l_r)[2],
                                              float (&pr)[2][4], float (&acc)[NT_][4]) {
-    float alj[2];
+    float lm[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) lm[j] = fmaxf(fmaxf(s[0][j], s[0][j + 2]), fmaxf(s[1][j], s[1][j + 2]));
+    if (__any_sync(0xffffffffu, lm[0] > m_r[0] || lm[1] > m_r[1])) {
+        float alj[2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            float mx = lm[j];
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+            const float mn = fmaxf(m_r[j], mx);
+            const float mu = mn == -INFINITY ? 0.f : mn;
+            alj[j] = ex2(m_r[j] - mu);              // 0 from -inf: acc and l are still 0 then
+            m_r[j] = mn;
+            mu_r[j] = mu;
+            l_r[j] *= alj[j];
+        }
+#pragma unroll
+        for (int i = 0; i < NT_; ++i) { acc[i][0] *= alj[0]; acc[i][2] *= alj[0]; acc[i][1] *= alj[1]; acc[i][3] *= alj[1]; }
+    }
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-        float mx = fmaxf(fmaxf(s[0][j], s[0][j + 2]), fmaxf(s[1][j], s[1][j + 2]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
-        const float mn = fmaxf(m_r[j], mx);
-        const float mu = mn == -INFINITY ? 0.f : mn;
-        const float al = ex2(m_r[j] - mu);
-        m_r[j] = mn;
         float sum = 0.f;
 #pragma unroll
         for (int tt = 0; tt < 2; ++tt) {
-            pr[tt][j] = ex2(s[tt][j] - mu);
-            pr[tt][j + 2] = ex2(s[tt][j + 2] - mu);
+            pr[tt][j] = ex2(s[tt][j] - mu_r[j]);
+            pr[tt][j + 2] = ex2(s[tt][j + 2] - mu_r[j]);
             sum += pr[tt][j] + pr[tt][j + 2];
         }
-        l_r[j] = l_r[j] * al + sum;
-        alj[j] = al;
-    }
-    if (__any_sync(0xffffffffu, alj[0] != 1.f || alj[1] != 1.f)) {
-#pragma unroll
-        for (int i = 0; i < NT_; ++i) { acc[i][0] *= alj[0]; acc[i][2] *= alj[0]; acc[i][1] *= alj[1]; acc[i][3] *= alj[1]; }
+        l_r[j] += sum;
     }
 }
 

@@ -240,7 +240,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
 
     {
     // ---- compressed tokens [lo, hi) of this split ----
-    float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
+    float m_r[2] = {-INFINITY, -INFINITY}, mu_r[2] = {0.f, 0.f}, l_r[2] = {0.f, 0.f};
     float acc[NT][4];
 #pragma unroll
     for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
@@ -487,7 +487,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
             }
             // online softmax over the group's 32 tokens; rows 2t + j live on the 8 lanes of equal t
             float pr[2][4];
-            softmax_step<NT>(s, m_r, l_r, pr, acc);
+            softmax_step<NT>(s, m_r, mu_r, l_r, pr, acc);
             // values: out^T (D x rows) += V^T (D x tokens) P^T (tokens x rows), per 16-token tile
 #pragma unroll
             for (int tt = 0; tt < 2; ++tt) {

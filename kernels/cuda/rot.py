@@ -38,6 +38,8 @@ KEY_BITS = (4,)
 VALUE_BITS = (3, 4)
 MAX_SINK = 64
 FMA_SHIFTS = True
+PIPE = False             # software-pipelined split loop (rot_decode.cu PIPE), PIPE_STAGES cp.async stages
+PIPE_STAGES = 3
 FUSE_Q = False           # Pi q in every split CTA on the tensor cores: slower than rot_prep under PDL (H200, attend-fq.json:
                          # k4v3-match 24.5 / 37.5 / 80.7 / 151.8 us against 23.2 / 36.0 / 79.8 / 149.5 at 4k / 32k / 128k / B=16 16k)
 _DERIVED: dict = {}
@@ -231,7 +233,7 @@ def _config(B, H, LC):
 
 def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, scale=None, meta=None,
                          nsplit=None, num_warps=None, min_blocks=None, stages=None, fma_shifts=None, fuse_q=None,
-                         key_int8=None, pdl=None):
+                         key_int8=None, pdl=None, pipe=None):
     """Fused rotation-codec decode attention, CUDA C++ (semantics of kernels.reference.attend).
 
     Parameters
@@ -262,6 +264,9 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
     pdl : bool, optional
         Programmatic dependent launch of the split (after ``rot_prep``) and the combine (sm_90+: each
         starts its independent prologue while the kernel before it runs); default `pdl_supported`.
+    pipe : bool, optional
+        Software-pipelined split loop (the values of the group before beside this group's keys; needs
+        the kernel layout and >= 3 stages, the default then); default PIPE where the layout allows it.
 
     Returns
     -------
@@ -320,14 +325,19 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
         raise Unsupported(f"{ns} splits > 1024 (the combine's weight table); pass a smaller nsplit")
     nblk = (chunk // block + 2) if ck else 0
     causal = bool(is_causal) and attn_mask is None
-    nst = STAGES if stages is None else int(stages)
-    if nst < 2:
-        raise ValueError(f"stages={nst}: the rotation kernel streams through >= 2 cp.async stages")
+    vfrag = rot.value_frag(list(meta[3:]))
+    pp = (PIPE and vfrag) if pipe is None else bool(pipe)
+    if pp and not vfrag:
+        raise Unsupported("pipe=True needs the kernel value layout (QJLConfig.rotation_value_layout='mma')")
+    nst = (PIPE_STAGES if pp else STAGES) if stages is None else int(stages)
+    if nst < 2 + pp:
+        raise ValueError(f"stages={nst}: the rotation kernel streams through >= {2 + pp} cp.async stages"
+                         + (" with pipe=True" if pp else ""))
     defines = dict(D=D, KB=kb, VB=vb, RR=R, NW=nw, QDT=int(q.dtype == torch.bfloat16), MK=kind,
                    CAUSAL=int(causal), CAUSAL_C=int(causal and T < Tq), CK=ck, BLK=block if ck else 128,
                    MINB=int(min_blocks or minb), STAGES=nst, NSINK=ns_,
                    FMAOFF=int(FMA_SHIFTS if fma_shifts is None else bool(fma_shifts)),
-                   VFRAG=int(rot.value_frag(list(meta[3:]))))
+                   VFRAG=int(vfrag), PIPE=int(pp))
     fq = FUSE_Q if fuse_q is None else bool(fuse_q)
     defines["FUSEQ"] = int(fq)
     pi, pif, lut, kstep = derived(consts)

@@ -70,6 +70,16 @@
                                 // (rotation.frag_pack), 4-bit codes sign-magnitude (rotation.sm_relabel)
 #endif
 #define VW (D * VB / 32)        // VFRAG: 32-bit value words per lane and group
+#ifndef PIPE
+#define PIPE 0                  // 1 (VFRAG only): values of group i - 1 beside the keys of group i (software pipeline)
+#endif
+#if PIPE && !VFRAG
+#error "PIPE needs the kernel layout (VFRAG)"
+#endif
+#define PD (STAGES - 1 - PIPE)  // prefetch distance in groups (PIPE keeps the previous group's stage resident)
+#if PD < 1
+#error "STAGES too small for PIPE (>= 3)"
+#endif
 
 struct Args {
     const u16* q; i64 sqb, sqh, sqt;
@@ -236,7 +246,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
     u8* wst = dsm + warp * (STAGES * ST_SIZE);
     const u32 sb = smem_addr(wst) + 16 * lane;
     Streams cps(a, tb + lo + warp * 32, lane);
-    stream_prologue<STAGES, NW, ST_SIZE>(cps, sb, lo, hi, warp, lane);
+    stream_prologue<PD + 1, NW, ST_SIZE>(cps, sb, lo, hi, warp, lane);
 #if FUSEQ
     __shared__ float qsc[8];                        // 2^e per row
     __shared__ float qsg[8];                        // KI8: sigma per row
@@ -340,7 +350,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
     __shared__ float wm[NW][8], wl[NW][8];
     float (*wo)[8][D] = (float (*)[8][D])dsm;       // the stages are free by then (launcher sizes dsm for both)
     {
-    float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
+    float m_r[2] = {-INFINITY, -INFINITY}, mu_r[2] = {0.f, 0.f}, l_r[2] = {0.f, 0.f};
     float acc[NT][4];
 #pragma unroll
     for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
@@ -426,18 +436,75 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
             qpos[j] = n - a.Tq + r % a.Tq;
 #endif
         }
+#if VFRAG
+        // one 32-token group's values from its stage's codes gv and its packed P (tile, b0 / b1):
+        // out'^T += V'^T (b P)^T per 16-token tile
+        auto values = [&](const u8* gv, const u32 (&pk)[2][2]) {
+            const u8* vlane = gv + lane * (4 * VW);
+#pragma unroll
+            for (int tt = 0; tt < 2; ++tt) {
+                const u32 b0 = pk[tt][0], b1 = pk[tt][1];
+                // nibble word i = the 8 codes of M-tile i's A fragment; 3 bits: every 4 stored as 3
+                u32 vw[VW / 2], nwd[NT];
+                {
+                    // alignment: lane 4 VW bytes, tile 2 VW: 16 B (VW = 8, 16), 8 B (VW = 12), 4 B (VW = 6, D = 64 3 bits)
+                    const u8* vp = vlane + tt * (2 * VW);
+                    if constexpr ((VW / 2) % 4 == 0) load_words<VW / 2>(vw, vp);
+                    else if constexpr ((VW / 2) % 2 == 0) {
+#pragma unroll
+                        for (int i = 0; i < VW / 2; i += 2) { const uint2 v = *(const uint2*)(vp + 4 * i); vw[i] = v.x; vw[i + 1] = v.y; }
+                    } else {
+#pragma unroll
+                        for (int i = 0; i < VW / 2; ++i) vw[i] = *(const u32*)(vp + 4 * i);
+                    }
+                }
+                if constexpr (VB == 3) {
+#pragma unroll
+                    for (int jb = 0; jb < NT / 4; ++jb) {
+                        const u32 w0 = vw[3 * jb], w1 = vw[3 * jb + 1], w2 = vw[3 * jb + 2];
+                        nwd[4 * jb] = w0 & 0x77777777u;
+                        nwd[4 * jb + 1] = w1 & 0x77777777u;
+                        nwd[4 * jb + 2] = w2 & 0x77777777u;
+                        nwd[4 * jb + 3] = frag3(w0, w1, w2, m30, m31);
+                    }
+                } else {
+#pragma unroll
+                    for (int i = 0; i < NT; ++i) nwd[i] = vw[i];
+                }
+#pragma unroll
+                for (int i = 0; i < NT; ++i) {          // nibbles 4k + 2a + h: (a0, a1, a2, a3) of M-tile i
+                    u32 v4[4];
+                    if constexpr (VB == 3) lut3<0x6240, 0x7351>(nwd[i], tv, v4);
+                    else lut8<0x6240, 0x7351>(nwd[i], tv, v4);
+                    mma_h16(acc[i], v4[0], v4[1], v4[2], v4[3], b0, b1);
+                }
+            }
+        };
+#endif
+#if PIPE
+        // software pipeline: each iteration does the values of the group before (its P and its stage,
+        // still resident: prefetch distance STAGES - 2) beside this group's keys, two independent
+        // dependency chains for the scheduler instead of one
+        u32 ppk[2][2] = {{0u, 0u}, {0u, 0u}};
+        const u8* pgv = wst;
+#endif
         int it = 0;
         for (int g0 = lo + warp * 32; g0 < hi; g0 += NW * 32) {
             const bool tail = g0 + 32 > hi;
             const u8* gst = wst + (it % STAGES) * ST_SIZE;
             {
-                const int gg = g0 + (STAGES - 1) * NW * 32;
-                if (gg < hi) cps.issue(sb + ((it + STAGES - 1) % STAGES) * ST_SIZE, lane);
+                const int gg = g0 + PD * NW * 32;
+                if (gg < hi) cps.issue(sb + ((it + PD) % STAGES) * ST_SIZE, lane);
                 cps.step();
                 cp_commit();
-                cp_wait<STAGES - 1>();
+                cp_wait<PD>();
                 __syncwarp();
             }
+#if PIPE
+            // unconditional (a branch would split the two chains into separate blocks): in the first
+            // iteration P is 0 and the codes those of any stage, finite through the lookup, so it adds 0
+            values(pgv, ppk);                           // acc complete up to the previous group (softmax_step may rescale it)
+#endif
             ++it;
             const u8* G_K = gst + ST_K;
             const u16* G_KS = (const u16*)(gst + ST_KS);
@@ -447,8 +514,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
             // each tile, lane group g's CB bytes
 #if VFRAG
             // fragment order (rotation.frag_pack): this lane's VW words; tile tt's are the VW / 2 from word
-            // tt VW / 2 on, read where they are used (all VW live at once spill at 4 bits)
-            const u8* vlane = G_V + lane * (4 * VW);
+            // tt VW / 2 on, read where they are used (values(); all VW live at once spill at 4 bits)
 #else
             u32 cwt[2][4][CW];
 #pragma unroll
@@ -545,59 +611,42 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
 #pragma unroll
                 for (int e = 0; e < 4; ++e) if (p + g + 8 * (e >> 1) > qpos[e & 1]) s[tt][e] = -INFINITY;
 #endif
-                // the split's last group, and the sink positions (attended exactly in the combine)
-                if (tail || (NSINK > 0 && g0 < NSINK)) {
+            }
+            // the split's last group, and the sink positions (attended exactly in the combine): one
+            // branch after both tiles, so that the block holds both tiles' keys (and PIPE's values)
+            if (tail || (NSINK > 0 && g0 < NSINK)) {
+#pragma unroll
+                for (int tt = 0; tt < 2; ++tt)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
-                        const int pos = p + g + 8 * (e >> 1);
+                        const int pos = g0 + 16 * tt + g + 8 * (e >> 1);
                         if (pos >= hi || pos < NSINK) s[tt][e] = -INFINITY;
                     }
-                }
             }
             float pr[2][4];
-            softmax_step<NT>(s, m_r, l_r, pr, acc);
-            // values: out'^T += V'^T (b P)^T per 16-token tile; b_j (the value scale) folded into P
+            softmax_step<NT>(s, m_r, mu_r, l_r, pr, acc);
+            // values: b_j (the value scale) folded into P
+#if VFRAG
+            u32 pk[2][2];
+#pragma unroll
+            for (int tt = 0; tt < 2; ++tt) {
+                const float b0s = h2f(G_VS[16 * tt + g]), b8s = h2f(G_VS[16 * tt + g + 8]);
+                pk[tt][0] = movt(pack2(pr[tt][0] * b0s, pr[tt][1] * b0s));   // tokens 2t, 2t+1 of row g
+                pk[tt][1] = movt(pack2(pr[tt][2] * b8s, pr[tt][3] * b8s));   // tokens 2t+8, 2t+9
+            }
+#if PIPE
+#pragma unroll
+            for (int tt = 0; tt < 2; ++tt) { ppk[tt][0] = pk[tt][0]; ppk[tt][1] = pk[tt][1]; }
+            pgv = G_V;
+#else
+            values(G_V, pk);
+#endif
+#else
 #pragma unroll
             for (int tt = 0; tt < 2; ++tt) {
                 const float b0s = h2f(G_VS[16 * tt + g]), b8s = h2f(G_VS[16 * tt + g + 8]);
                 const u32 b0 = movt(pack2(pr[tt][0] * b0s, pr[tt][1] * b0s));   // tokens 2t, 2t+1 of row g
                 const u32 b1 = movt(pack2(pr[tt][2] * b8s, pr[tt][3] * b8s));   // tokens 2t+8, 2t+9
-#if VFRAG
-                // nibble word i = the 8 codes of M-tile i's A fragment; 3 bits: every 4 stored as 3
-                u32 vw[VW / 2], nwd[NT];
-                {
-                    // alignment: lane 4 VW bytes, tile 2 VW: 16 B (VW = 8, 16), 8 B (VW = 12), 4 B (VW = 6, D = 64 3 bits)
-                    const u8* vp = vlane + tt * (2 * VW);
-                    if constexpr ((VW / 2) % 4 == 0) load_words<VW / 2>(vw, vp);
-                    else if constexpr ((VW / 2) % 2 == 0) {
-#pragma unroll
-                        for (int i = 0; i < VW / 2; i += 2) { const uint2 v = *(const uint2*)(vp + 4 * i); vw[i] = v.x; vw[i + 1] = v.y; }
-                    } else {
-#pragma unroll
-                        for (int i = 0; i < VW / 2; ++i) vw[i] = *(const u32*)(vp + 4 * i);
-                    }
-                }
-                if constexpr (VB == 3) {
-#pragma unroll
-                    for (int jb = 0; jb < NT / 4; ++jb) {
-                        const u32 w0 = vw[3 * jb], w1 = vw[3 * jb + 1], w2 = vw[3 * jb + 2];
-                        nwd[4 * jb] = w0 & 0x77777777u;
-                        nwd[4 * jb + 1] = w1 & 0x77777777u;
-                        nwd[4 * jb + 2] = w2 & 0x77777777u;
-                        nwd[4 * jb + 3] = frag3(w0, w1, w2, m30, m31);
-                    }
-                } else {
-#pragma unroll
-                    for (int i = 0; i < NT; ++i) nwd[i] = vw[i];
-                }
-#pragma unroll
-                for (int i = 0; i < NT; ++i) {          // nibbles 4k + 2a + h: (a0, a1, a2, a3) of M-tile i
-                    u32 v4[4];
-                    if constexpr (VB == 3) lut3<0x6240, 0x7351>(nwd[i], tv, v4);
-                    else lut8<0x6240, 0x7351>(nwd[i], tv, v4);
-                    mma_h16(acc[i], v4[0], v4[1], v4[2], v4[3], b0, b1);
-                }
-#else
                 u32 af[NT][4];
 #pragma unroll
                 for (int k = 0; k < 2; ++k) {           // token pair (2t, 2t+1) + 8k
@@ -619,10 +668,13 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
                 }
 #pragma unroll
                 for (int i = 0; i < NT; ++i) mma_h16(acc[i], af[i][0], af[i][1], af[i][2], af[i][3], b0, b1);
-#endif
             }
-            __syncwarp();                               // this stage is refilled STAGES - 1 groups later
+#endif
+            __syncwarp();                               // this stage is refilled PD groups later (PIPE: after its values)
         }
+#if PIPE
+        if (it > 0) values(pgv, ppk);
+#endif
         cp_wait<0>();
     }
     __syncthreads();                                // wo aliases the stages
