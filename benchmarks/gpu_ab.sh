@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: the CUDA kernels of the working tree against a base copy in the same run (same GPU, same
 # SDPA rows), the GPU tests of both CUDA kernels first.
-#   here:    mkdir -p .ab && git archive BASE_COMMIT kernels/cuda | tar -x -C .ab   (.ab in .git/info/exclude)
+#   here:    rm -rf .ab && mkdir .ab && git archive BASE_COMMIT kernels/cuda | tar -x -C .ab   (.ab is git-ignored)
 #   device:  bash benchmarks/gpu_ab.sh OUTDIR .ab/kernels/cuda                        (run carry: [".ab"])
 # -> OUTDIR/attend-new.json, attend-base.json (+ bench-*.txt, tests.txt).
 # Env: SIZES (default 1x4096,1x32768,1x131072,16x16384), PRESETS (rotation4,rotation-k4v3-match),
