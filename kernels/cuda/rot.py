@@ -40,6 +40,7 @@ MAX_SINK = 64
 FMA_SHIFTS = True
 PIPE = False             # software-pipelined split loop (rot_decode.cu PIPE), PIPE_STAGES cp.async stages
 PIPE_STAGES = 3
+EARLY = False            # block means staged before the dependency wait (rot_decode.cu EARLY): not yet measured
 FUSE_Q = False           # Pi q in every split CTA on the tensor cores: slower than rot_prep under PDL (H200, attend-fq.json:
                          # k4v3-match 24.5 / 37.5 / 80.7 / 151.8 us against 23.2 / 36.0 / 79.8 / 149.5 at 4k / 32k / 128k / B=16 16k)
 _DERIVED: dict = {}
@@ -212,10 +213,11 @@ def stage_bytes(D, kb, vb) -> int:
     return 32 * (D * kb // 8) + 64 + 32 * (D * vb // 8) + 64
 
 
-def dyn_smem(nw, stages, D, kb, vb, nblk) -> int:
-    """The stages of every warp plus the per-block q' . mu table (nblk x 8 fp32), which the CTA's
-    merge reuses for the warps' partial outputs (NW x 8 x D fp32) once the loop is done."""
-    return max(nw * stages * stage_bytes(D, kb, vb) + nblk * 32, nw * 8 * D * 4)
+def dyn_smem(nw, stages, D, kb, vb, nblk, early=False) -> int:
+    """The stages of every warp plus the per-block q' . mu table (nblk x 8 fp32) and, with ``early``,
+    the split's block means (nblk x D fp16), which the CTA's merge reuses for the warps' partial outputs
+    (NW x 8 x D fp32) once the loop is done."""
+    return max(nw * stages * stage_bytes(D, kb, vb) + nblk * 32 + (nblk * D * 2 if early else 0), nw * 8 * D * 4)
 
 
 def _config(B, H, LC):
@@ -233,7 +235,7 @@ def _config(B, H, LC):
 
 def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, scale=None, meta=None,
                          nsplit=None, num_warps=None, min_blocks=None, stages=None, fma_shifts=None, fuse_q=None,
-                         key_int8=None, pdl=None, pipe=None):
+                         key_int8=None, pdl=None, pipe=None, early=None):
     """Fused rotation-codec decode attention, CUDA C++ (semantics of kernels.reference.attend).
 
     Parameters
@@ -267,6 +269,9 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
     pipe : bool, optional
         Software-pipelined split loop (the values of the group before beside this group's keys; needs
         the kernel layout and >= 3 stages, the default then); default PIPE where the layout allows it.
+    early : bool, optional
+        Key-centered layers: the split stages its block means into shared memory before it waits for
+        ``rot_prep`` (same bits); default EARLY.
 
     Returns
     -------
@@ -345,7 +350,9 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
     if ki8 and kstep is None:
         raise Unsupported(f"key_int8=True: {int8_words(consts[1])}")
     defines.update(KI8=int(ki8), PK=int(ki8 and M <= 4))
-    dyn = dyn_smem(nw, nst, D, kb, vb, nblk)
+    ea = bool(ck) and (EARLY if early is None else bool(early))
+    defines["EARLY"] = int(ea)
+    dyn = dyn_smem(nw, nst, D, kb, vb, nblk, ea)
     fns = module("rot_decode", defines, KERNELS, q.device)
     BH = B * H
     dev = q.device

@@ -55,6 +55,9 @@
 #ifndef PK
 #define PK 0                    // KI8 with <= 4 query rows: both digits of Pi q in one MMA's 8 columns
 #endif
+#ifndef EARLY
+#define EARLY 0                 // 1 (CK): the block means staged into shared memory before the dependency wait
+#endif
 #ifndef NSINK
 #define NSINK 0                 // exact sink tokens (positions 0 .. NSINK-1: masked here, attended in the combine)
 #endif
@@ -243,6 +246,18 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
     // each warp's first groups in flight before anything of rot_prep's is waited for (PDL), then the
     // q' . mu table and the operand setup
     const i64 tb = (i64)bh * a.LC;
+#if CK && EARLY
+    // the split's block means (kmean, independent of rot_prep) into shared memory before everything
+    // else, so that the q' . mu table after the dependency wait reads them there instead of starting a
+    // memory round trip then (its loads were part of the third of the split's stalls outside the loop)
+    u8* kms = dsm + NW * STAGES * ST_SIZE + a.nblk * 32;
+    {
+        const int nbk = lo < hi ? (hi - 1) / BLK - lo / BLK + 1 : 0;
+        const u8* src = (const u8*)(a.kmean + ((i64)bh * (a.LC / BLK) + lo / BLK) * D);
+        for (int i = threadIdx.x; i < nbk * (D / 8); i += NW * 32) cp16(kms + 16 * i, src + 16 * i);
+        cp_commit();                                // the oldest group: complete after cp_wait<PD> below
+    }
+#endif
     u8* wst = dsm + warp * (STAGES * ST_SIZE);
     const u32 sb = smem_addr(wst) + 16 * lane;
     Streams cps(a, tb + lo + warp * 32, lane);
@@ -319,6 +334,9 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
     // q' . mu_b per block of this split and query row (mu_b: the block's rotated mean key)
     float* qmu = (float*)(dsm + NW * STAGES * ST_SIZE);
     const int blo = lo / BLK;
+#if EARLY
+    cp_wait<PD>();                                  // kmean staged (the stage groups may still be in flight)
+#endif
 #endif
     __syncthreads();
 #if CK
@@ -328,7 +346,11 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
         // (the warp-per-block form with 8 shuffle trees per block held ~13% of the split at 128k)
         for (int i = threadIdx.x; i < nb * 8; i += NW * 32) {
             const int bi = i >> 3, r = i & 7;
+#if EARLY
+            const uint4* mu = (const uint4*)(kms + bi * (2 * D));
+#else
             const uint4* mu = (const uint4*)(a.kmean + ((i64)bh * (a.LC / BLK) + blo + bi) * D);
+#endif
             const uint4* qv = (const uint4*)&qs[r][0];
             float s0 = 0.f, s1 = 0.f;
 #pragma unroll

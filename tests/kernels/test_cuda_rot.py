@@ -379,6 +379,13 @@ CONFIGS = [dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=1, MK=4, CAUSAL=0, CAUSAL_C
                 FMAOFF=1, KI8=1, PK=1, VFRAG=1, PIPE=1),
            dict(D=64, KB=4, VB=3, RR=64, NW=4, QDT=0, MK=1, CAUSAL=0, CAUSAL_C=1, CK=0, BLK=64, MINB=3, STAGES=4,
                 NSINK=4, FMAOFF=0, KI8=0, PK=0, VFRAG=1, PIPE=1),
+           # the block means staged before the dependency wait (EARLY), with and without PIPE / FUSEQ
+           dict(D=128, KB=4, VB=3, RR=128, NW=8, QDT=1, MK=0, CAUSAL=1, CAUSAL_C=0, CK=1, BLK=128, MINB=2, STAGES=2,
+                NSINK=4, FMAOFF=1, KI8=1, PK=1, VFRAG=1, EARLY=1),
+           dict(D=64, KB=4, VB=4, RR=64, NW=4, QDT=0, MK=3, CAUSAL=0, CAUSAL_C=0, CK=1, BLK=64, MINB=3, STAGES=3,
+                FMAOFF=1, KI8=0, PK=0, VFRAG=1, PIPE=1, EARLY=1),
+           dict(D=128, KB=4, VB=3, RR=128, NW=4, QDT=1, MK=0, CAUSAL=1, CAUSAL_C=0, CK=1, BLK=128, MINB=3, STAGES=2,
+                NSINK=4, FMAOFF=1, FUSEQ=1, KI8=1, PK=1, EARLY=1),
            # Pi q on the tensor cores in the split (FUSEQ) with int8 keys, both warp counts
            dict(D=128, KB=4, VB=3, RR=128, NW=8, QDT=1, MK=4, CAUSAL=0, CAUSAL_C=0, CK=1, BLK=128, MINB=2, STAGES=2,
                 NSINK=4, FMAOFF=1, FUSEQ=1, KI8=1, PK=1),
@@ -399,7 +406,7 @@ def _assert_pdl(path, k, split_waits=True):
 @nvrtc_ok
 @pytest.mark.parametrize("defines", CONFIGS,
                          ids=lambda d: f"D{d['D']}v{d['VB']}mk{d['MK']}ck{d['CK']}q{d['QDT']}s{d.get('NSINK', 0)}nw{d['NW']}"
-                                       f"i{d.get('KI8', 0)}{d.get('PK', 0)}f{d.get('FUSEQ', 0)}v{d.get('VFRAG', 0)}p{d.get('PIPE', 0)}")
+                                       f"i{d.get('KI8', 0)}{d.get('PK', 0)}f{d.get('FUSEQ', 0)}v{d.get('VFRAG', 0)}p{d.get('PIPE', 0)}e{d.get('EARLY', 0)}")
 def test_compiles_for_sm90(defines, tmp_path):
     from qjl_compile.kernels.cuda import compile_source
     path = tmp_path / "k.cubin"
@@ -516,6 +523,7 @@ def test_launch_config_rule():
     assert cr._config(1, 8, 32768) == (4, 32, cr.MIN_BLOCKS)
     assert cr._config(1, 8, 4096)[0] == 4
     assert cr.dyn_smem(4, 2, 128, 4, 3, 0) == 4 * 2 * cr.stage_bytes(128, 4, 3)
+    assert cr.dyn_smem(8, 2, 128, 4, 3, 34, True) == 8 * 2 * cr.stage_bytes(128, 4, 3) + 34 * 32 + 34 * 128 * 2
 
 
 @gpu
@@ -549,7 +557,7 @@ def test_launch_variants_match_reference(vb, sink, kw):
 @needs_gpu
 @pytest.mark.parametrize("case", [c for c in GRID if c[6] & 4], ids=lambda c: f"B{c[0]}H{c[1]}G{c[2]}Tq{c[3]}D{c[4]}n{c[7]}")
 @pytest.mark.parametrize("nw", [None, 8])
-def test_pipelined_loop_gives_the_same_bits(case, nw):
+def test_pipelined_loop_and_early_means_give_the_same_bits(case, nw):
     # PIPE reorders no arithmetic: the values of group i - 1 are still added before group i's rescale,
     # and the first iteration adds P = 0 (exact zeros), so every bit must agree with the plain loop
     B, H, G, Tq, D, R, center, n, L, dtype = case[:10]
@@ -561,6 +569,9 @@ def test_pipelined_loop_gives_the_same_bits(case, nw):
     off = cr.rotation_attend_cuda(q, st, consts, kn, kn, None, True, None, meta, pipe=False, num_warps=nw)
     on = cr.rotation_attend_cuda(q, st, consts, kn, kn, None, True, None, meta, pipe=True, num_warps=nw)
     assert torch.equal(on, off)
+    # the block means staged early (key-centered cases) read the same bytes, from shared memory
+    early = cr.rotation_attend_cuda(q, st, consts, kn, kn, None, True, None, meta, pipe=False, num_warps=nw, early=True)
+    assert torch.equal(early, off)
     want = ref.attend(q, st, consts, kn, kn, None, True, None, meta)
     assert ((on.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
 
