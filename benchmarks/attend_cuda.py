@@ -171,12 +171,14 @@ def parse_variants(text):
                 kw["pipe"] = bool(int(val))
             elif key == "early":
                 kw["early"] = bool(int(val))
+            elif key == "smask":
+                kw["stage_mask"] = bool(int(val))
             elif key == "mask":                       # HF's decode mask (B, 1, 1, L), all visible: f32 / bool
                 if val not in ("f32", "bool"):
                     raise SystemExit(f"mask={val!r}: f32 or bool")
                 kw["mask"] = val
             else:
-                raise SystemExit(f"unknown variant key {key!r} (nw, ns, st, sqsmem, minb, pk, fo, fq, ki, pdl, pipe, early, mask)")
+                raise SystemExit(f"unknown variant key {key!r} (nw, ns, st, sqsmem, minb, pk, fo, fq, ki, pdl, pipe, early, smask, mask)")
         variants.append((v, kw))
     return variants
 

@@ -41,6 +41,7 @@ FMA_SHIFTS = True
 PIPE = False             # software-pipelined split loop (rot_decode.cu PIPE), PIPE_STAGES cp.async stages
 PIPE_STAGES = 3
 EARLY = False            # block means staged before the dependency wait (rot_decode.cu EARLY): not yet measured
+STAGE_MASK = False       # HF's decode mask staged with the cache groups (rot_decode.cu MKS): not yet measured
 FUSE_Q = False           # Pi q in every split CTA on the tensor cores: slower than rot_prep under PDL (H200, attend-fq.json:
                          # k4v3-match 24.5 / 37.5 / 80.7 / 151.8 us against 23.2 / 36.0 / 79.8 / 149.5 at 4k / 32k / 128k / B=16 16k)
 _DERIVED: dict = {}
@@ -208,16 +209,29 @@ def unsupported(q, state, consts, meta) -> str:
     return why if isinstance(why, str) else ""
 
 
-def stage_bytes(D, kb, vb) -> int:
-    """Shared memory of one 32-token group in the cp.async ring (ST_SIZE in rot_decode.cu)."""
-    return 32 * (D * kb // 8) + 64 + 32 * (D * vb // 8) + 64
+def stage_bytes(D, kb, vb, mke=0) -> int:
+    """Shared memory of one 32-token group in the cp.async ring (ST_SIZE in rot_decode.cu); ``mke``:
+    bytes per token of a staged per-position mask (MKS: 1 bool, 4 fp32)."""
+    return 32 * (D * kb // 8) + 64 + 32 * (D * vb // 8) + 64 + 32 * mke
 
 
-def dyn_smem(nw, stages, D, kb, vb, nblk, early=False) -> int:
+def dyn_smem(nw, stages, D, kb, vb, nblk, early=False, mke=0) -> int:
     """The stages of every warp plus the per-block q' . mu table (nblk x 8 fp32) and, with ``early``,
     the split's block means (nblk x D fp16), which the CTA's merge reuses for the warps' partial outputs
     (NW x 8 x D fp32) once the loop is done."""
-    return max(nw * stages * stage_bytes(D, kb, vb) + nblk * 32 + (nblk * D * 2 if early else 0), nw * 8 * D * 4)
+    return max(nw * stages * stage_bytes(D, kb, vb, mke) + nblk * 32 + (nblk * D * 2 if early else 0),
+               nw * 8 * D * 4)
+
+
+def mask_stageable(kind, mt, ms, LC) -> bool:
+    """Whether a per-position mask (kind 3 / 4: HF's (B, 1, 1, L) decode mask) can be staged with the
+    cache groups by cp.async (MKS): unit position stride, 16-byte aligned rows, long enough for every
+    group of the compressed part (LC positions, a multiple of 32)."""
+    if kind not in (3, 4):
+        return False
+    e = 1 if kind == 3 else 4
+    return (ms[3] == 1 and mt.data_ptr() % 16 == 0 and (ms[0] * e) % 16 == 0 and mt.shape[-1] >= LC
+            and LC % 32 == 0)
 
 
 def _config(B, H, LC):
@@ -235,7 +249,7 @@ def _config(B, H, LC):
 
 def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, scale=None, meta=None,
                          nsplit=None, num_warps=None, min_blocks=None, stages=None, fma_shifts=None, fuse_q=None,
-                         key_int8=None, pdl=None, pipe=None, early=None):
+                         key_int8=None, pdl=None, pipe=None, early=None, stage_mask=None):
     """Fused rotation-codec decode attention, CUDA C++ (semantics of kernels.reference.attend).
 
     Parameters
@@ -272,6 +286,9 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
     early : bool, optional
         Key-centered layers: the split stages its block means into shared memory before it waits for
         ``rot_prep`` (same bits); default EARLY.
+    stage_mask : bool, optional
+        A per-position mask (HF's (B, 1, 1, L) decode mask) copied with each cache group by cp.async
+        instead of loaded in the loop, where `mask_stageable` allows it; default STAGE_MASK.
 
     Returns
     -------
@@ -352,7 +369,10 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
     defines.update(KI8=int(ki8), PK=int(ki8 and M <= 4))
     ea = bool(ck) and (EARLY if early is None else bool(early))
     defines["EARLY"] = int(ea)
-    dyn = dyn_smem(nw, nst, D, kb, vb, nblk, ea)
+    mks = (STAGE_MASK if stage_mask is None else bool(stage_mask)) and mask_stageable(kind, mt, ms, LC)
+    defines["MKS"] = int(mks)
+    mke = (1 if kind == 3 else 4) if mks else 0
+    dyn = dyn_smem(nw, nst, D, kb, vb, nblk, ea, mke)
     fns = module("rot_decode", defines, KERNELS, q.device)
     BH = B * H
     dev = q.device

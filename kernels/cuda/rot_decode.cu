@@ -55,6 +55,14 @@
 #ifndef PK
 #define PK 0                    // KI8 with <= 4 query rows: both digits of Pi q in one MMA's 8 columns
 #endif
+#ifndef MKS
+#define MKS 0                   // 1 (MK 3 / 4): the group's 32 mask values staged with it by cp.async (the
+                                // launcher checks: unit stride, 16-byte aligned rows, covering the cache)
+#endif
+#if MKS && !(MK == 3 || MK == 4)
+#error "MKS needs a per-position mask (MK 3 / 4)"
+#endif
+#define MKE (MKS ? (MK == 3 ? 1 : 4) : 0)   // staged mask bytes per token
 #ifndef EARLY
 #define EARLY 0                 // 1 (CK): the block means staged into shared memory before the dependency wait
 #endif
@@ -214,19 +222,35 @@ __device__ __forceinline__ void load_codes3(u32 (&w)[CW], const u8* p) {
 #define ST_KS (ST_K + 32 * (D * KB / 8))
 #define ST_V (ST_KS + 64)
 #define ST_VS (ST_V + 32 * (D * VB / 8))
-#define ST_SIZE (ST_VS + 64)
+#define ST_MK (ST_VS + 64)
+#define ST_SIZE (ST_MK + 32 * MKE)
 
 struct Streams {
     CpStream<D * KB / 8, ST_K, NW> k;
     CpStream<2, ST_KS, NW> ks;
     CpStream<D * VB / 8, ST_V, NW> v;
     CpStream<2, ST_VS, NW> vs;
-    __device__ __forceinline__ Streams(const Args& a, i64 row, int lane)
-        : k(a.kidx, row, lane), ks(a.kscale, row, lane), v(a.vidx, row, lane), vs(a.vscale, row, lane) {}
+#if MKS
+    CpStream<MKE, ST_MK, NW> mk;                    // the mask row of batch b, by position (not cache row)
+#endif
+    __device__ __forceinline__ Streams(const Args& a, i64 row, int lane, int b, int pos)
+        : k(a.kidx, row, lane), ks(a.kscale, row, lane), v(a.vidx, row, lane), vs(a.vscale, row, lane)
+#if MKS
+        , mk((const u8*)a.mask + b * a.smb * MKE, pos, lane)
+#endif
+    {}
     __device__ __forceinline__ void issue(u32 st, int lane) const {
         k.issue(st, lane); ks.issue(st, lane); v.issue(st, lane); vs.issue(st, lane);
+#if MKS
+        mk.issue(st, lane);
+#endif
     }
-    __device__ __forceinline__ void step() { k.step(); ks.step(); v.step(); vs.step(); }
+    __device__ __forceinline__ void step() {
+        k.step(); ks.step(); v.step(); vs.step();
+#if MKS
+        mk.step();
+#endif
+    }
 };
 
 extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args a) {
@@ -260,7 +284,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
 #endif
     u8* wst = dsm + warp * (STAGES * ST_SIZE);
     const u32 sb = smem_addr(wst) + 16 * lane;
-    Streams cps(a, tb + lo + warp * 32, lane);
+    Streams cps(a, tb + lo + warp * 32, lane, b, lo + warp * 32);
     stream_prologue<PD + 1, NW, ST_SIZE>(cps, sb, lo, hi, warp, lane);
 #if FUSEQ
     __shared__ float qsc[8];                        // 2^e per row
@@ -607,7 +631,18 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
                 s[tt][1] = c[1] * (a0 * q1) + mu1;
                 s[tt][2] = c[2] * (a8 * q0) + mu0;
                 s[tt][3] = c[3] * (a8 * q1) + mu1;
-#if MK == 3 || MK == 4
+#if MKS
+#pragma unroll
+                for (int e2 = 0; e2 < 2; ++e2) {             // from the stage (positions g0 .. g0 + 31)
+                    const int jj = 16 * tt + g + 8 * e2;
+#if MK == 3
+                    if (!(gst + ST_MK)[jj]) s[tt][2 * e2] = s[tt][2 * e2 + 1] = -INFINITY;
+#else
+                    const float mv = LOG2E_F * ((const float*)(gst + ST_MK))[jj];
+                    s[tt][2 * e2] += mv; s[tt][2 * e2 + 1] += mv;
+#endif
+                }
+#elif MK == 3 || MK == 4
 #pragma unroll
                 for (int e2 = 0; e2 < 2; ++e2) {
                     const i64 mo_ = b * a.smb + (i64)(p + g + 8 * e2) * a.sml;

@@ -386,6 +386,11 @@ CONFIGS = [dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=1, MK=4, CAUSAL=0, CAUSAL_C
                 FMAOFF=1, KI8=0, PK=0, VFRAG=1, PIPE=1, EARLY=1),
            dict(D=128, KB=4, VB=3, RR=128, NW=4, QDT=1, MK=0, CAUSAL=1, CAUSAL_C=0, CK=1, BLK=128, MINB=3, STAGES=2,
                 NSINK=4, FMAOFF=1, FUSEQ=1, KI8=1, PK=1, EARLY=1),
+           # HF's decode mask staged with the groups (MKS), bool and fp32
+           dict(D=128, KB=4, VB=3, RR=128, NW=8, QDT=1, MK=4, CAUSAL=0, CAUSAL_C=0, CK=1, BLK=128, MINB=2, STAGES=2,
+                NSINK=4, FMAOFF=1, KI8=1, PK=1, VFRAG=1, MKS=1),
+           dict(D=64, KB=4, VB=4, RR=64, NW=4, QDT=0, MK=3, CAUSAL=0, CAUSAL_C=0, CK=1, BLK=64, MINB=3, STAGES=2,
+                FMAOFF=1, KI8=0, PK=0, VFRAG=0, MKS=1),
            # Pi q on the tensor cores in the split (FUSEQ) with int8 keys, both warp counts
            dict(D=128, KB=4, VB=3, RR=128, NW=8, QDT=1, MK=4, CAUSAL=0, CAUSAL_C=0, CK=1, BLK=128, MINB=2, STAGES=2,
                 NSINK=4, FMAOFF=1, FUSEQ=1, KI8=1, PK=1),
@@ -406,7 +411,7 @@ def _assert_pdl(path, k, split_waits=True):
 @nvrtc_ok
 @pytest.mark.parametrize("defines", CONFIGS,
                          ids=lambda d: f"D{d['D']}v{d['VB']}mk{d['MK']}ck{d['CK']}q{d['QDT']}s{d.get('NSINK', 0)}nw{d['NW']}"
-                                       f"i{d.get('KI8', 0)}{d.get('PK', 0)}f{d.get('FUSEQ', 0)}v{d.get('VFRAG', 0)}p{d.get('PIPE', 0)}e{d.get('EARLY', 0)}")
+                                       f"i{d.get('KI8', 0)}{d.get('PK', 0)}f{d.get('FUSEQ', 0)}v{d.get('VFRAG', 0)}p{d.get('PIPE', 0)}e{d.get('EARLY', 0)}m{d.get('MKS', 0)}")
 def test_compiles_for_sm90(defines, tmp_path):
     from qjl_compile.kernels.cuda import compile_source
     path = tmp_path / "k.cubin"
@@ -423,10 +428,11 @@ def test_compiles_for_sm90(defines, tmp_path):
 
 
 @pytest.mark.parametrize("D,kb,vb", [(128, 4, 4), (64, 4, 4), (128, 4, 3), (64, 4, 3)])
-def test_stage_bytes_match_the_kernel_layout(D, kb, vb):
+@pytest.mark.parametrize("mke", [0, 1, 4])                 # no staged mask, bool, fp32 (MKS)
+def test_stage_bytes_match_the_kernel_layout(D, kb, vb, mke):
     import os
     src = os.path.join(os.path.dirname(cr.__file__), "rot_decode.cu")
-    vals, env = {}, dict(D=D, KB=kb, VB=vb)
+    vals, env = {}, dict(D=D, KB=kb, VB=vb, MKE=mke)
     for line in open(src):
         m = re.match(r"#define (ST_\w+) (.+?)\s*(//.*)?$", line)
         if m:
@@ -434,7 +440,7 @@ def test_stage_bytes_match_the_kernel_layout(D, kb, vb):
             for k, v in {**env, **vals}.items():
                 e = re.sub(rf"\b{k}\b", str(v), e)
             vals[m.group(1)] = eval(e.replace("/", "//"))
-    assert vals["ST_SIZE"] == cr.stage_bytes(D, kb, vb)
+    assert vals["ST_SIZE"] == cr.stage_bytes(D, kb, vb, mke)
     assert all(v % 16 == 0 for v in vals.values()), vals
 
 
@@ -516,6 +522,25 @@ def test_cuda_attend_matches_reference(case, mask):
     assert rel < (1e-2 if dtype == torch.bfloat16 else 4e-3), rel
 
 
+def test_mask_staging_rule():
+    # MKS takes HF's per-position decode mask only where every group's 32 values are one aligned,
+    # in-bounds 16-byte-multiple copy; anything else keeps the in-loop loads
+    from qjl_compile.kernels.checks import mask_args
+    q = torch.zeros(2, 8, 1, 128)
+    for dt, L, ok in [(torch.bool, 1024, True), (torch.float32, 1024, True), (torch.bool, 1000, False),
+                      (torch.float32, 1000, True)]:
+        am = torch.zeros(2, 1, 1, L, dtype=dt)
+        kind, mt, ms = mask_args(am, q)
+        assert kind in (3, 4)
+        assert cr.mask_stageable(kind, mt, ms, 896) == ok, (dt, L)
+    kind, mt, ms = mask_args(torch.zeros(2, 1, 1, 2048, dtype=torch.bool)[..., ::2], q)      # strided positions
+    assert not cr.mask_stageable(kind, mt, ms, 896)
+    kind, mt, ms = mask_args(torch.zeros(2, 1, 1, 512), q)                                   # shorter than LC
+    assert not cr.mask_stageable(kind, mt, ms, 896)
+    kind, mt, ms = mask_args(torch.zeros(2, 8, 1, 1024, dtype=torch.bool), q)                # per row: kind 1
+    assert not cr.mask_stageable(kind, mt, ms, 896)
+
+
 def test_launch_config_rule():
     # 8 warps per CTA where a split has >= 2048 tokens (B=1 128k, B=16 16k), 4 below (32k)
     assert cr._config(1, 8, 131072) == (8, 32, 2)
@@ -574,6 +599,29 @@ def test_pipelined_loop_and_early_means_give_the_same_bits(case, nw):
     assert torch.equal(early, off)
     want = ref.attend(q, st, consts, kn, kn, None, True, None, meta)
     assert ((on.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("case", [GRID[0], GRID[2], GRID[13], GRID[16], GRID[-1]],
+                         ids=lambda c: f"B{c[0]}H{c[1]}G{c[2]}D{c[4]}c{c[6]}n{c[7]}")
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_staged_mask_gives_the_same_bits(case, kind):
+    # MKS reads the same mask values from the stage instead of global memory: every bit must agree
+    B, H, G, Tq, D, R, center, n, L, dtype = case[:10]
+    vb, sink = case[10:] if len(case) > 10 else (4, 0)
+    st, consts, meta, gen = _state(B, H, L, D, R, center, n - Tq, dtype, seed=n + 5, vb=vb, sink=sink)
+    kn = torch.randn(B, H, Tq, D, generator=gen, device="cuda").to(dtype)
+    ref.append_(st, consts, kn, kn, meta)
+    q = (torch.randn(B, H * G, Tq, D, generator=gen, device="cuda") * 2).to(dtype)
+    keep = (torch.arange(L, device="cuda") < n) & (torch.rand(B, 1, 1, L, generator=gen, device="cuda") > 0.1)
+    keep[..., n - 1] = True
+    am = keep if kind == "bool" else torch.where(keep, 0.0, float("-inf")).to(dtype)
+    from qjl_compile.kernels.checks import mask_args
+    assert cr.mask_stageable(*mask_args(am if kind == "bool" else am.float(), q), L // R * R)   # the launcher's fp32 copy
+    off = cr.rotation_attend_cuda(q, st, consts, kn, kn, am, False, None, meta, stage_mask=False)
+    on = cr.rotation_attend_cuda(q, st, consts, kn, kn, am, False, None, meta, stage_mask=True)
+    assert torch.equal(on, off)
 
 
 @gpu
