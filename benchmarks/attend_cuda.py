@@ -138,8 +138,16 @@ def rows_for(B, L, copy_gbs, variants, presets=(), pvariants=(("default", {}),))
     return out
 
 
+# variant key -> (launcher keyword, value type)
+VARIANT_KEYS = {"nw": ("num_warps", int), "ns": ("nsplit", int), "st": ("stages", int), "sqsmem": ("sq_smem", int),
+                "minb": ("min_blocks", int), "pk": ("pack", bool), "fo": ("fma_shifts", bool), "fq": ("fuse_q", bool),
+                "ki": ("key_int8", bool), "pdl": ("pdl", bool), "pipe": ("pipe", bool), "early": ("early", bool),
+                "smask": ("stage_mask", bool)}
+
+
 def parse_variants(text):
-    """'default;ns=64 minb=4' -> [(name, launcher keyword arguments)]."""
+    """'default;ns=64 minb=4' -> [(name, launcher keyword arguments)]; mask=f32 / bool: HF's decode mask
+    (B, 1, 1, L), all visible, instead of is_causal (`call_args`)."""
     variants = []
     for v in text.split(";"):
         kw = {}
@@ -147,38 +155,15 @@ def parse_variants(text):
             if tok == "default":
                 continue
             key, val = tok.split("=")
-            if key == "nw":
-                kw["num_warps"] = int(val)
-            elif key == "ns":
-                kw["nsplit"] = int(val)
-            elif key == "st":
-                kw["stages"] = int(val)
-            elif key == "sqsmem":
-                kw["sq_smem"] = int(val)
-            elif key == "minb":
-                kw["min_blocks"] = int(val)
-            elif key == "pk":
-                kw["pack"] = bool(int(val))
-            elif key == "fo":
-                kw["fma_shifts"] = bool(int(val))
-            elif key == "fq":
-                kw["fuse_q"] = bool(int(val))
-            elif key == "ki":
-                kw["key_int8"] = bool(int(val))
-            elif key == "pdl":
-                kw["pdl"] = bool(int(val))
-            elif key == "pipe":
-                kw["pipe"] = bool(int(val))
-            elif key == "early":
-                kw["early"] = bool(int(val))
-            elif key == "smask":
-                kw["stage_mask"] = bool(int(val))
-            elif key == "mask":                       # HF's decode mask (B, 1, 1, L), all visible: f32 / bool
+            if key == "mask":
                 if val not in ("f32", "bool"):
                     raise SystemExit(f"mask={val!r}: f32 or bool")
                 kw["mask"] = val
+            elif key in VARIANT_KEYS:
+                name, typ = VARIANT_KEYS[key]
+                kw[name] = bool(int(val)) if typ is bool else int(val)
             else:
-                raise SystemExit(f"unknown variant key {key!r} (nw, ns, st, sqsmem, minb, pk, fo, fq, ki, pdl, pipe, early, smask, mask)")
+                raise SystemExit(f"unknown variant key {key!r} ({', '.join(VARIANT_KEYS)}, mask)")
         variants.append((v, kw))
     return variants
 

@@ -127,24 +127,21 @@ __device__ __forceinline__ void load_words(u32 (&w)[W], const u8* p) {
 __device__ __forceinline__ u32 smem_addr(const void* p) {
     u32 r; asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p)); return r;
 }
-__device__ __forceinline__ void cp16(void* s, const void* g) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(s)), "l"(g));
-}
-__device__ __forceinline__ void cp8(void* s, const void* g) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(smem_addr(s)), "l"(g));
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
-
-// cp.async to a 32-bit shared address (no generic-to-shared conversion per copy)
+// cp.async to a 32-bit shared address (the split's streams keep those, no generic-to-shared conversion per copy)
 __device__ __forceinline__ void cp16s(u32 s, const void* g) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(s), "l"(g));
 }
+__device__ __forceinline__ void cp8s(u32 s, const void* g) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(s), "l"(g));
+}
+__device__ __forceinline__ void cp16(void* s, const void* g) { cp16s(smem_addr(s), g); }
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
 
 // One cp.async stream of the split's stage ring: every 32-token group's rows (ROWB bytes each,
 // contiguous in global memory) go to byte OFF of a stage. The lane's source pointer moves one ring
 // step (NW_ groups) per group, so a group's copies cost one 64-bit add and cp.asyncs with immediate
-// offsets: recomputing every copy's addresses from the row (stage_group) was 85 of rot_split's ~680
+// offsets: recomputing every copy's addresses from the row was 85 of rot_split's ~680
 // loop instructions a group, most of them on the ALU pipe that the operand lookups keep busy.
 template <int ROWB, int OFF, int NW_>
 struct CpStream {
@@ -170,27 +167,6 @@ __device__ __forceinline__ void stream_prologue(S& s, u32 sb, int lo, int hi, in
         if (lo + warp * 32 + s_ * NW_ * 32 < hi) s.issue(sb + s_ * ST_SIZE_, lane);
         cp_commit();
         s.step();
-    }
-}
-
-template <int BYTES>
-__device__ __forceinline__ void cp_block(u8* s, const u8* g, int lane) {
-#pragma unroll
-    for (int o = 16 * lane; o < BYTES; o += 512) cp16(s + o, g + o);
-}
-
-
-// each warp's first STAGES_ - 1 groups of [lo, hi) in flight through its stage ring (cp.async); the
-// codec's stage_group(a, stage, row, lane) copies one group (found by ADL where the codec defines it)
-template <int STAGES_, int NW_, int ST_SIZE_, class A>
-__device__ __forceinline__ void stage_prologue(const A& a, u8* wst, i64 tb, int lo, int hi, int warp, int lane) {
-    if (lo + warp * 32 < hi) {
-#pragma unroll
-        for (int s_ = 0; s_ < STAGES_ - 1; ++s_) {
-            const int gg = lo + warp * 32 + s_ * NW_ * 32;
-            if (gg < hi) stage_group(a, wst + s_ * ST_SIZE_, tb + gg, lane);
-            cp_commit();
-        }
     }
 }
 

@@ -105,7 +105,7 @@ struct Streams {
         obits.issue(st, lane); onorm.issue(st, lane);
 #endif
 #if NO == 8
-        if (lane == 0) asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(st + ST_IDX), "l"(idx));
+        if (lane == 0) cp8s(st + ST_IDX, idx);
 #elif NO > 0
         // not 4-byte aligned: a plain copy (st: this lane's address, 16 lane past the stage)
         if (lane < NO) asm volatile("st.shared.u8 [%0], %1;" :: "r"(st - 15 * lane + ST_IDX), "h"((u16)idx[lane]));

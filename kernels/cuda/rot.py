@@ -288,7 +288,8 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
         ``rot_prep`` (same bits); default EARLY.
     stage_mask : bool, optional
         A per-position mask (HF's (B, 1, 1, L) decode mask) copied with each cache group by cp.async
-        instead of loaded in the loop, where `mask_stageable` allows it; default STAGE_MASK.
+        instead of loaded in the loop, where `mask_stageable` allows it (True with a mask it does not: Unsupported);
+        default STAGE_MASK.
 
     Returns
     -------
@@ -369,6 +370,9 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
     defines.update(KI8=int(ki8), PK=int(ki8 and M <= 4))
     ea = bool(ck) and (EARLY if early is None else bool(early))
     defines["EARLY"] = int(ea)
+    if stage_mask and not mask_stageable(kind, mt, ms, LC):
+        raise Unsupported("stage_mask=True needs a per-position mask (B, 1, 1, L) with unit position stride, "
+                          f"16-byte aligned rows and >= {LC} positions; got mask kind {kind}, strides {tuple(ms)}")
     mks = (STAGE_MASK if stage_mask is None else bool(stage_mask)) and mask_stageable(kind, mt, ms, LC)
     defines["MKS"] = int(mks)
     mke = (1 if kind == 3 else 4) if mks else 0

@@ -578,6 +578,17 @@ def test_launch_variants_match_reference(vb, sink, kw):
     assert ((out.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
 
 
+def _step(case, seed_add):
+    """A GRID case's cache filled up to this step, its new tokens appended (keys as values too) and a query."""
+    B, H, G, Tq, D, R, center, n, L, dtype = case[:10]
+    vb, sink = case[10:] if len(case) > 10 else (4, 0)
+    st, consts, meta, gen = _state(B, H, L, D, R, center, n - Tq, dtype, seed=n + seed_add, vb=vb, sink=sink)
+    kn = torch.randn(B, H, Tq, D, generator=gen, device="cuda").to(dtype)
+    ref.append_(st, consts, kn, kn, meta)
+    q = (torch.randn(B, H * G, Tq, D, generator=gen, device="cuda") * 2).to(dtype)
+    return q, st, consts, kn, meta, gen
+
+
 @gpu
 @needs_gpu
 @pytest.mark.parametrize("case", [c for c in GRID if c[6] & 4], ids=lambda c: f"B{c[0]}H{c[1]}G{c[2]}Tq{c[3]}D{c[4]}n{c[7]}")
@@ -585,12 +596,7 @@ def test_launch_variants_match_reference(vb, sink, kw):
 def test_pipelined_loop_and_early_means_give_the_same_bits(case, nw):
     # PIPE reorders no arithmetic: the values of group i - 1 are still added before group i's rescale,
     # and the first iteration adds P = 0 (exact zeros), so every bit must agree with the plain loop
-    B, H, G, Tq, D, R, center, n, L, dtype = case[:10]
-    vb, sink = case[10:] if len(case) > 10 else (4, 0)
-    st, consts, meta, gen = _state(B, H, L, D, R, center, n - Tq, dtype, seed=n + 3, vb=vb, sink=sink)
-    kn = torch.randn(B, H, Tq, D, generator=gen, device="cuda").to(dtype)
-    ref.append_(st, consts, kn, kn, meta)
-    q = (torch.randn(B, H * G, Tq, D, generator=gen, device="cuda") * 2).to(dtype)
+    q, st, consts, kn, meta, gen = _step(case, seed_add=3)
     off = cr.rotation_attend_cuda(q, st, consts, kn, kn, None, True, None, meta, pipe=False, num_warps=nw)
     on = cr.rotation_attend_cuda(q, st, consts, kn, kn, None, True, None, meta, pipe=True, num_warps=nw)
     assert torch.equal(on, off)
@@ -608,12 +614,8 @@ def test_pipelined_loop_and_early_means_give_the_same_bits(case, nw):
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_staged_mask_gives_the_same_bits(case, kind):
     # MKS reads the same mask values from the stage instead of global memory: every bit must agree
-    B, H, G, Tq, D, R, center, n, L, dtype = case[:10]
-    vb, sink = case[10:] if len(case) > 10 else (4, 0)
-    st, consts, meta, gen = _state(B, H, L, D, R, center, n - Tq, dtype, seed=n + 5, vb=vb, sink=sink)
-    kn = torch.randn(B, H, Tq, D, generator=gen, device="cuda").to(dtype)
-    ref.append_(st, consts, kn, kn, meta)
-    q = (torch.randn(B, H * G, Tq, D, generator=gen, device="cuda") * 2).to(dtype)
+    B, R, n, L, dtype = case[0], case[5], case[7], case[8], case[9]
+    q, st, consts, kn, meta, gen = _step(case, seed_add=5)
     keep = (torch.arange(L, device="cuda") < n) & (torch.rand(B, 1, 1, L, generator=gen, device="cuda") > 0.1)
     keep[..., n - 1] = True
     am = keep if kind == "bool" else torch.where(keep, 0.0, float("-inf")).to(dtype)
@@ -622,6 +624,8 @@ def test_staged_mask_gives_the_same_bits(case, kind):
     off = cr.rotation_attend_cuda(q, st, consts, kn, kn, am, False, None, meta, stage_mask=False)
     on = cr.rotation_attend_cuda(q, st, consts, kn, kn, am, False, None, meta, stage_mask=True)
     assert torch.equal(on, off)
+    with pytest.raises(Unsupported, match="stage_mask=True"):        # no mask to stage: refused, not ignored
+        cr.rotation_attend_cuda(q, st, consts, kn, kn, None, True, None, meta, stage_mask=True)
 
 
 @gpu
@@ -703,3 +707,25 @@ def test_dispatch_takes_the_cuda_kernel():
     assert qjl_triton.ROUTES["cuda"] == before.get("cuda", 0) + 1
     want = ref.attend(q, st, consts, kn, kn, None, True, None, meta)
     assert ((out.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+
+
+def test_benchmark_variants_parse():
+    # benchmarks/attend_cuda.py's launch variants map onto the launchers' keywords; typos are refused
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "attend_cuda.py")
+    spec = importlib.util.spec_from_file_location("attend_cuda_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    got = mod.parse_variants("default;nw=8 st=3;mask=f32 smask=1 early=1;pipe=0 pdl=1")
+    assert got == [("default", {}), ("nw=8 st=3", {"num_warps": 8, "stages": 3}),
+                   ("mask=f32 smask=1 early=1", {"mask": "f32", "stage_mask": True, "early": True}),
+                   ("pipe=0 pdl=1", {"pipe": False, "pdl": True})]
+    import inspect
+    params = inspect.signature(cr.rotation_attend_cuda).parameters
+    for key in ("nw", "ns", "st", "minb", "fo", "fq", "ki", "pdl", "pipe", "early", "smask"):
+        assert mod.VARIANT_KEYS[key][0] in params, key
+    with pytest.raises(SystemExit, match="unknown variant key"):
+        mod.parse_variants("nwarps=8")
+    with pytest.raises(SystemExit, match="f32 or bool"):
+        mod.parse_variants("mask=f16")
