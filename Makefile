@@ -33,9 +33,11 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/qjl-compile demo
 
-# CPU test suite; Triton kernels run in the interpreter, GPU tests skip without CUDA.
+# CPU test suite; Triton kernels run in the interpreter, GPU tests skip without CUDA. `python -P`: the
+# checkout's root stays off sys.path, so its kernels/ folder cannot shadow the PyPI package `kernels`
+# that transformers >= 5.25 imports (the package is installed editable and found without it).
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q $(TESTS)
+	TRITON_INTERPRET=1 $(BIN)/python -P -m pytest -q $(TESTS)
 
 # The transformers-facing tests again on the oldest supported transformers (CI runs both)
 test-compat:
@@ -47,10 +49,10 @@ setup-compat:
 # GPU grid (a CUDA machine): every kernel against the reference. One BLAS thread per process: the
 # CPU-side reference checks otherwise oversubscribe the cores (with pytest-xdist: add -n 15).
 test-gpu: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m gpu tests/kernels
+	OMP_NUM_THREADS=1 $(BIN)/python -P -m pytest -q -m gpu tests/kernels
 
 test-all: $(STAMP)
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "slow or not slow"
+	TRITON_INTERPRET=1 $(BIN)/python -P -m pytest -q -m "slow or not slow"
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info
