@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels import D, DTYPE, H, HQ, codec_bytes, fill, preset_fill, preset_setup, qjl_bytes, qjl_setup  # noqa: E402
+from kbench import D, DTYPE, H, HQ, codec_bytes, fill, preset_fill, preset_setup, qjl_bytes, qjl_setup  # noqa: E402
 from timer import bench, copy_bandwidth, env_header  # noqa: E402
 
 from qjl_compile.config import QJLConfig  # noqa: E402

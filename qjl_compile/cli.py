@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 PROG = "qjl-compile"
-BENCHES = ("accuracy", "e2e", "kernels")
+# `bench kernels` runs benchmarks/kbench.py: a sibling named kernels.py would shadow the PyPI package
+# `kernels` that transformers >= 5.25 imports, once benchmarks/ is on sys.path
+BENCHES = {"accuracy": "accuracy", "e2e": "e2e", "kernels": "kbench"}
 PHASES = ("prefill", "decode", "both")
 
 
@@ -310,7 +312,8 @@ def benchmarks_dir() -> Path:
 
 def cmd_bench(args) -> int:
     root = benchmarks_dir()
-    candidates = [root / f"{args.name}.py", root / args.name / "__main__.py"]
+    stem = BENCHES[args.name]
+    candidates = [root / f"{stem}.py", root / stem / "__main__.py"]
     script = next((c for c in candidates if c.is_file()), None)
     if script is None:
         if not root.is_dir():

@@ -100,7 +100,7 @@ def test_bench_passes_arguments_through(tmp_path, monkeypatch):
     rc = cli.main(["bench", "e2e", "--quick", "--n", "3", str(tmp_path / "got.txt")])
     assert rc == 0
     assert (tmp_path / "got.txt").read_text() == f"--quick --n 3 {tmp_path / 'got.txt'}"
-    (tmp_path / "kernels.py").write_text("raise SystemExit(3)\n")
+    (tmp_path / "kbench.py").write_text("raise SystemExit(3)\n")
     assert cli.main(["bench", "kernels"]) == 3
 
 
@@ -131,3 +131,14 @@ def test_console_script_installed():
         pytest.skip("console script not installed in this environment")
     r = subprocess.run([str(exe), "inspect", "--phase", "nope"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
+
+
+def test_benchmark_scripts_shadow_no_installed_module():
+    # `bench NAME` puts benchmarks/ first on sys.path; a script named like an installed module (kernels.py vs
+    # the PyPI package `kernels` that transformers >= 5.25 imports) would replace it for the whole run
+    import importlib.util
+    root = cli.benchmarks_dir()
+    specs = {p.stem: importlib.util.find_spec(p.stem) for p in sorted(root.glob("*.py"))}
+    # namespace portions (origin None, e.g. tests/e2e/) lose to a module file earlier on sys.path: no clash
+    clash = {n: s.origin for n, s in specs.items() if s is not None and s.origin and not s.origin.startswith(str(root))}
+    assert clash == {}

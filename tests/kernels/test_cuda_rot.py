@@ -715,19 +715,15 @@ def test_benchmark_variants_parse():
     import os
     import sys
     bdir = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
-    # the benchmark imports its sibling benchmarks/kernels.py as `kernels`, which the repo's top-level
-    # kernels/ package shadows inside the test session: load that sibling under the name, then restore
-    saved = {k: sys.modules.pop(k) for k in ("kernels", "timer") if k in sys.modules}
+    # the script puts benchmarks/ on sys.path for its siblings kbench / timer: undo that afterwards
+    saved_path, saved = list(sys.path), {k: sys.modules.pop(k) for k in ("kbench", "timer") if k in sys.modules}
     try:
-        for name in ("timer", "kernels"):
-            sp = importlib.util.spec_from_file_location(name, os.path.join(bdir, f"{name}.py"))
-            sys.modules[name] = importlib.util.module_from_spec(sp)
-            sp.loader.exec_module(sys.modules[name])
         spec = importlib.util.spec_from_file_location("attend_cuda_bench", os.path.join(bdir, "attend_cuda.py"))
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
     finally:
-        for k in ("kernels", "timer"):
+        sys.path[:] = saved_path
+        for k in ("kbench", "timer"):
             sys.modules.pop(k, None)
         sys.modules.update(saved)
     got = mod.parse_variants("default;nw=8 st=3;mask=f32 smask=1 early=1;pipe=0 pdl=1")

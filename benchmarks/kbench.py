@@ -12,8 +12,8 @@ SDPA over the sync-free dequantization where it has none: see the note column). 
 the live rows of the codec's allocated buffers plus ring, q and output (the floor; a codec
 without a fused kernel reads more). "vs ref" is the time over the "reference" preset's at that size.
 
-    python benchmarks/kernels.py [--out benchmarks/results/kernels.json] [--quick] [--presets a,b]
-    python benchmarks/kernels.py --smoke        # CPU: builds and checks every preset row, no timing
+    python benchmarks/kbench.py [--out benchmarks/results/kernels.json] [--quick] [--presets a,b]
+    python benchmarks/kbench.py --smoke        # CPU: builds and checks every preset row, no timing
 """
 from __future__ import annotations
 
@@ -304,7 +304,7 @@ def main(argv=None):
     if args.smoke:
         return smoke(names)
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py needs a CUDA GPU")
+        sys.exit("benchmarks/kbench.py needs a CUDA GPU")
     from tabulate import tabulate
     header = env_header()
     print(header, flush=True)
