@@ -40,8 +40,12 @@ MAX_SINK = 64
 FMA_SHIFTS = True
 PIPE = False             # software-pipelined split loop (rot_decode.cu PIPE), PIPE_STAGES cp.async stages
 PIPE_STAGES = 3
-EARLY = False            # block means staged before the dependency wait (rot_decode.cu EARLY): not yet measured
-STAGE_MASK = False       # HF's decode mask staged with the cache groups (rot_decode.cu MKS): not yet measured
+# block means staged before the dependency wait (rot_decode.cu EARLY): H200 attend-opts.json, within +-1% of
+# off at 4k..128k, 1% slower at B=16 16k: off
+EARLY = False
+# HF's decode mask staged with the cache groups (rot_decode.cu MKS): H200 attend-opts.json, k4v3-match with
+# the (B, 1, 1, L) fp32 mask 68.0 -> 65.9 us at 128k, 129.1 -> 123.4 at B=16 16k, 34.9 -> 33.1 at 32k (no mask: 64.9)
+STAGE_MASK = True
 FUSE_Q = False           # Pi q in every split CTA on the tensor cores: slower than rot_prep under PDL (H200, attend-fq.json:
                          # k4v3-match 24.5 / 37.5 / 80.7 / 151.8 us against 23.2 / 36.0 / 79.8 / 149.5 at 4k / 32k / 128k / B=16 16k)
 _DERIVED: dict = {}
