@@ -21,3 +21,28 @@ def test_imports_from_checkout_without_install():
     assert out.returncode == 0, out.stderr[-2000:]
     files = out.stdout.split()
     assert files == [os.path.join(ROOT, "kernels", "__init__.py"), os.path.join(ROOT, "passes", "__init__.py")]
+
+
+def test_checkout_kernels_dir_never_runs_as_top_level_kernels():
+    # with the checkout root on sys.path, `import kernels` (transformers does it for the PyPI package, HF's
+    # kernel hub) found kernels/ and ran it a second time: the qjl ops registered twice, and the copy that
+    # registered last served them without the kernel constants the other one built at cache creation
+    code = (
+        "import importlib.util, sys\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import qjl_compile\n"
+        "try:\n"
+        "    import kernels\n"
+        "    print('imported', kernels.__file__)\n"
+        "except ImportError as e:\n"
+        "    print('refused', e)\n"
+        "print('copies', sorted(n for n in sys.modules if n == 'kernels.ops' or n == 'kernels.triton'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[-1] == "copies []", out.stdout
+    if lines[0].startswith("imported"):   # the PyPI package is installed: it is the one imported
+        assert not lines[0].split()[1].startswith(os.path.join(ROOT, "kernels")), out.stdout
+    else:
+        assert "import it as qjl_compile.kernels" in lines[0], out.stdout

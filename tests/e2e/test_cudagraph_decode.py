@@ -1,0 +1,63 @@
+"""Compiled decode under CUDA graphs (mode="reduce-overhead"), per preset, on a tiny Llama at the
+kernels' shape (head_dim 128, GQA 4): what benchmarks/e2e.py's qjl modes run. Teacher-forced tokens,
+so eager and compiled see the same inputs and their logits must agree; the CUDA C++ presets must
+take the CUDA C++ route. A kernel that allocates lasting tensors inside the op (a data_ptr-keyed
+cache filled during the cudagraph warm-up) fails here with "tensor(s) in the cudagraph pool not
+tracked as outputs"."""
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from qjl_compile import QJLCache, QJLConfig  # noqa: E402
+from qjl_compile.compat import cache_kwargs  # noqa: E402
+from qjl_compile.kernels import triton as qt  # noqa: E402
+
+# preset -> the route qjl::attend must take on a GPU with the CUDA C++ toolchain
+PRESETS = {"reference": "cuda", "rotation-k4v3-match": "cuda", "rotation4": "cuda", "decoquant4": "triton"}
+PROMPT, STEPS, CAP = 300, 6, 512
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=1024, intermediate_size=1024, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=128, max_position_embeddings=2048)
+    return LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+
+
+def _decode(model, qcfg, fn, toks, cudagraphs):
+    cache = QJLCache(model.config, CAP, qcfg, batch_size=1, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        model(input_ids=toks[:, :PROMPT], **cache_kwargs(cache), use_cache=True)
+        out = []
+        for i in range(STEPS):
+            if cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            o = fn(input_ids=toks[:, PROMPT + i: PROMPT + i + 1], **cache_kwargs(cache), use_cache=True)
+            out.append(o.logits[:, -1].float().clone())
+    return torch.stack(out), cache
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_compiled_decode_under_cudagraphs(model, preset):
+    from qjl_compile.kernels.cuda import available
+    qcfg = QJLConfig.preset(preset, head_dim=128, num_layers=2)
+    g = torch.Generator().manual_seed(1)
+    toks = torch.randint(1, 512, (1, PROMPT + STEPS), generator=g).cuda()
+    ref, _ = _decode(model, qcfg, model.forward, toks, False)
+    torch._dynamo.reset()
+    fn = torch.compile(model.forward, backend="qjl", mode="reduce-overhead")
+    before = dict(qt.ROUTES)
+    got, cache = _decode(model, qcfg, fn, toks, True)
+    routes = {k: v - before.get(k, 0) for k, v in qt.ROUTES.items() if v - before.get(k, 0)}
+    want = PRESETS[preset] if (PRESETS[preset] != "cuda" or available()[0]) else "triton"
+    assert want in routes, f"{preset}: qjl::attend routes {routes}, expected {want}"
+    err = ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+    assert err < 3e-2, f"{preset}: compiled vs eager logits relative error {err:.3g}"
+    # the replays read the cache the compiled steps wrote: every layer holds prompt + steps tokens
+    assert int(cache.get_seq_length()) == PROMPT + STEPS
