@@ -11,11 +11,11 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-
+# qjl_compile before transformers, as benchmarks/e2e.py imports them
 from qjl_compile import QJLCache, QJLConfig  # noqa: E402
 from qjl_compile.compat import cache_kwargs  # noqa: E402
 from qjl_compile.kernels import triton as qt  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402,I001
 
 # preset -> the route qjl::attend must take on a GPU with the CUDA C++ toolchain
 PRESETS = {"reference": "cuda", "rotation-k4v3-match": "cuda", "rotation4": "cuda", "decoquant4": "triton"}
