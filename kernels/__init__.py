@@ -13,14 +13,13 @@ if __name__ != "qjl_compile.kernels":
     _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
     _path = [p for p in _sys.path if _os.path.abspath(p or _os.getcwd()) != _root]
     _spec = _mach.PathFinder.find_spec(__name__, _path) if "." not in __name__ else None
-    if _spec is None:
-        raise ImportError(f"{_os.path.dirname(__file__)} is qjl-compile's kernels directory, imported as '{__name__}' "
-                          "because the checkout's root is on sys.path; import it as qjl_compile.kernels (and run "
-                          "python -P, or without the checkout on PYTHONPATH, where a package `kernels` is meant)",
-                          name=__name__)
-    _mod = _util.module_from_spec(_spec)
-    _sys.modules[__name__] = _mod
-    _spec.loader.exec_module(_mod)
+    if _spec is not None:
+        _mod = _util.module_from_spec(_spec)
+        _sys.modules[__name__] = _mod
+        _spec.loader.exec_module(_mod)
+    else:   # no such package: an empty module without submodules (transformers 5.17's availability probe
+        # imports the name and reads it as "not installed": no version); qjl-compile imports qjl_compile.kernels
+        __path__ = []
 else:
     from . import reference  # noqa: F401
     from . import ops  # noqa: F401  (registers torch.ops.qjl.*)
