@@ -1,6 +1,9 @@
 """Input checks shared by every attend launcher (Triton and CUDA C++); no triton import here."""
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -96,3 +99,33 @@ def check_qjl(state, consts, meta, what):
     if state[2].shape != rk.shape or state[0].numel() != 1:
         raise ValueError(f"{what}: state[0] must be a scalar length and state[2] match state[1]")
     return B, H, R, D, L, m, mo, o, vb, vg, LC
+
+
+_PREPARING = [False]
+_LATE_WARNED = [False]
+LATE_CONSTANTS = (
+    "qjl: a cache layer's derived kernel constants are being built by its first fused call, not when the layer "
+    "was allocated: the layer was allocated while torch.compile traced (a QJLCache made without batch_size and "
+    "device, first filled by a compiled forward). Without CUDA graphs that only costs this one build; under CUDA "
+    "graphs (mode='reduce-overhead') the build lands in the graph's memory pool and fails (\"tensor(s) in the "
+    "cudagraph pool not tracked as outputs\"), and so would the cache's own buffers. Fix: allocate the layers up "
+    "front, QJLCache(config, max_cache_len, qjl_config, batch_size=B, device=..., dtype=...), as "
+    "qjl_compile.compile's generate does.")
+
+
+@contextlib.contextmanager
+def preparing():
+    """Around `kernels.triton.prepare`: the derived-constant caches it fills miss by design there."""
+    old, _PREPARING[0] = _PREPARING[0], True
+    try:
+        yield
+    finally:
+        _PREPARING[0] = old
+
+
+def late_constants(device) -> None:
+    """A derived-constant cache missed: say once (`LATE_CONSTANTS`) when that was outside `preparing`
+    on CUDA, where the miss may sit in a CUDA-graph warm-up."""
+    if device.type == "cuda" and not _PREPARING[0] and not _LATE_WARNED[0]:
+        _LATE_WARNED[0] = True
+        warnings.warn(LATE_CONSTANTS, stacklevel=3)

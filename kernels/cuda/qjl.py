@@ -14,7 +14,7 @@ import math
 import torch
 
 from .. import reference as ref
-from ..checks import check_attend, check_qjl, mask_args
+from ..checks import check_attend, check_qjl, late_constants, mask_args
 from . import allow_dynamic_smem, available, launch, module, pdl_supported
 
 KERNELS = ("qjl_prep", "qjl_split", "qjl_combine")
@@ -60,6 +60,7 @@ def sketch_planes(S: torch.Tensor):
     hit = _PLANES.get(key)
     if hit is not None:
         return hit[1]
+    late_constants(S.device)
     m, D = S.shape
     perm = torch.tensor(mma_perm(m), dtype=torch.long)
     Sp = S.detach().double().cpu()[perm]                                   # (m, D) in K order
@@ -83,6 +84,7 @@ def sketch_rows(S: torch.Tensor) -> torch.Tensor:
     hit = _PLANES.get(key)
     if hit is not None:
         return hit[1]
+    late_constants(S.device)
     perm = torch.tensor(mma_perm(S.shape[0]), dtype=torch.long, device=S.device)
     val = S.detach().float()[perm].contiguous()
     _PLANES[key] = (S, val)

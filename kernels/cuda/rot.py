@@ -25,7 +25,7 @@ import math
 import torch
 
 from .. import rotation as rot
-from ..checks import check_attend, mask_args
+from ..checks import check_attend, late_constants, mask_args
 from . import allow_dynamic_smem, available, launch, module, pdl_supported
 from .qjl import Unsupported, split_plan
 
@@ -130,6 +130,7 @@ def derived(consts):
     hit = _DERIVED.get(key)
     if hit is not None:
         return hit[1]
+    late_constants(Pi.device)
     wk, wv = lut_words(cbk), lut_words(cbv)
     if isinstance(wk, str) or isinstance(wv, str):
         val = (None, wk if isinstance(wk, str) else wv, None, None)

@@ -162,6 +162,12 @@ def prepare(codec: int, consts, dtype: torch.dtype) -> None:
     """
     if not consts or not consts[0].is_cuda:
         return
+    from ..checks import preparing
+    with preparing():
+        _prepare(codec, consts, dtype)
+
+
+def _prepare(codec, consts, dtype):
     if codec in CPP_KERNELS and attend_kernel_choice() != "triton":
         from ..cuda import available
         if available()[0]:

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .. import reference as ref
-from ..checks import check_attend, check_qjl, mask_args, qjl_center  # noqa: F401  (re-exported for the codecs)
+from ..checks import check_attend, check_qjl, late_constants, mask_args, qjl_center  # noqa: F401  (re-exported for the codecs)
 
 LOG2E = 1.4426950408889634
 
@@ -435,6 +435,7 @@ def sketch_t(S: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     key = (S.data_ptr(), S.device, dtype, tuple(S.shape))
     hit = _CT_CACHE.get(key)
     if hit is None:
+        late_constants(S.device)
         hit = (S, S.t().to(dtype).contiguous())
         _CT_CACHE[key] = hit
     return hit[1]

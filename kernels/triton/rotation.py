@@ -40,6 +40,7 @@ import triton.language as tl
 
 from .. import reference as ref
 from .. import rotation as rot
+from ..checks import late_constants
 from .qjl_append import _SIDE, _ring, _sketch_signs
 from .qjl_attend import (LOG2E, _ONE, _TL, _attend_exact, _combine, _interpret, _mask_scores, _p2, _signs_t,
                          _softmax_step, _store_partial, check_attend, check_device, mask_args, sketch_t)
@@ -432,6 +433,7 @@ def _derived(consts, dtype: torch.dtype) -> dict:
     key = (Pi.data_ptr(), cbk.data_ptr(), cbv.data_ptr(), Pi.device, dtype)
     hit = _DERIVED.get(key)
     if hit is None:
+        late_constants(Pi.device)
         f32 = [c.to(torch.float32).contiguous() for c in (Pi, cbk, cbv)]
         hit = dict(src=(Pi, cbk, cbv, S), pi=f32[0].to(dtype), cbk=f32[1].to(dtype), cbv=f32[2].to(dtype),
                    pi32=f32[0], cbk32=f32[1], cbv32=f32[2],

@@ -86,3 +86,26 @@ def test_compiled_generate_under_cudagraphs(model, preset):
     assert got.shape == ref.shape and torch.equal(got, got2)
     new, want = got[0, PROMPT:], ref[0, PROMPT:]
     assert bool(new[0] == want[0]), f"{preset}: first generated token {int(new[0])} vs eager {int(want[0])}"
+
+
+@pytest.mark.parametrize("preset", ["reference", "rotation-k4v3-match"])
+def test_lazy_cache_under_cudagraphs_names_the_fix(model, preset):
+    """A cache made without batch size / device has its layers allocated while Dynamo traces the
+    compiled prefill, where the kernel constants cannot be prepared; under CUDA graphs their first
+    build lands in the warm-up's memory pool (as would the cache's own buffers): torch refuses. The
+    user must hear the fix (allocate the layers up front) from us, not only torch's pool error."""
+    from qjl_compile.kernels import checks
+    qcfg = QJLConfig.preset(preset, head_dim=128, num_layers=2)
+    toks = torch.randint(1, 512, (1, PROMPT + 2), generator=torch.Generator().manual_seed(3)).cuda()
+    torch._dynamo.reset()
+    fn = torch.compile(model.forward, backend="qjl", mode="reduce-overhead")
+    cache = QJLCache(model.config, CAP, qcfg)
+    checks._LATE_WARNED[0] = False
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"QJLCache\(config, max_cache_len, qjl_config, batch_size=B"):
+        try:
+            for i in range(3):               # prefill (lazy allocation inside the trace), then decode steps
+                torch.compiler.cudagraph_mark_step_begin()
+                ids = toks[:, :PROMPT] if i == 0 else toks[:, PROMPT + i - 1: PROMPT + i]
+                fn(input_ids=ids, **cache_kwargs(cache), use_cache=True)
+        except RuntimeError as e:
+            assert "cudagraph pool" in str(e), e

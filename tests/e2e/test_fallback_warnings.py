@@ -256,3 +256,25 @@ def test_cache_for_another_model_is_refused():
     m = qjl_compile.compile(big, CFG, options=AOT)
     with pytest.raises(ValueError, match=r"QJLCache built for 2 layers .* model of 3 layers"):
         m.generate(ids(), max_new_tokens=2, **cache_kwargs(QJLCache(small.config, max_cache_len=64, qjl_config=CFG)))
+
+
+def test_late_kernel_constants_warn_once_with_the_fix():
+    # a derived-constant cache miss on CUDA outside kernels.triton.prepare (a layer allocated while
+    # Dynamo traced) says once how to allocate up front; prepare's own misses say nothing. Device
+    # objects only: no GPU needed
+    from qjl_compile.kernels import checks
+    old = checks._LATE_WARNED[0]
+    try:
+        checks._LATE_WARNED[0] = False
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            with checks.preparing():
+                checks.late_constants(torch.device("cuda", 0))
+            checks.late_constants(torch.device("cpu"))
+            assert not rec
+            checks.late_constants(torch.device("cuda", 0))
+            checks.late_constants(torch.device("cuda", 0))
+        assert len(rec) == 1 and "batch_size=B, device=..., dtype=..." in str(rec[0].message)
+        assert "reduce-overhead" in str(rec[0].message)
+    finally:
+        checks._LATE_WARNED[0] = old
