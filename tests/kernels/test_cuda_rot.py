@@ -1,6 +1,7 @@
 """CUDA C++ rotation-codec decode attention (kernels/cuda/rot_decode.cu): the register lookup and
 fragment layout emulated on CPU, sm_90 compiles without a GPU, and the kernel against
 kernels/reference.py on a GPU."""
+import os
 import re
 import subprocess
 
@@ -738,3 +739,22 @@ def test_benchmark_variants_parse():
         mod.parse_variants("nwarps=8")
     with pytest.raises(SystemExit, match="f32 or bool"):
         mod.parse_variants("mask=f16")
+
+
+@nvrtc_ok
+def test_sass_count_tool_finds_the_group_loop():
+    # benchmarks/sass_count.py: the hot loop of the default split is the 32-token group loop (its MMAs:
+    # 8 IMMA for int8 keys, 16 HMMA for the values), and the pipes add up to the loop
+    import importlib.util
+    _cuobjdump()
+    spec = importlib.util.spec_from_file_location(
+        "sass_count", os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "sass_count.py"))
+    sc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sc)
+    src, fun, defines = sc.CONFIGS["rot-128k"]
+    r = sc.count(src, fun, defines)
+    assert r["opcodes"].get("IMMA") == 8 and r["opcodes"].get("HMMA") == 16, r["opcodes"]
+    assert sum(r["pipes"].values()) == r["instructions"] > 300 and r["stack"] == 0
+    assert sc.pipe_of("PRMT") == "alu" and sc.pipe_of("IMAD") == "fma" and sc.pipe_of("UIADD3") == "uniform"
+    with pytest.raises(ValueError, match="no loop"):
+        sc.loop_mix("/*0000*/ IADD3 R1, R1, 1 ;\n/*0010*/ EXIT ;")
