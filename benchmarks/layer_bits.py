@@ -57,11 +57,16 @@ def record_qkv(model, ids):
     return rec
 
 
-def attention(q, k, v, P):
-    """Causal attention output of queries [P, W) over keys [0, W), GQA by repeat; (Hq, W-P, D)."""
+def attention(q, k, v, P, s_comp=None):
+    """Causal attention output of queries [P, W) over keys [0, W), GQA by repeat; (Hq, W-P, D).
+    ``s_comp``: (Hq, W-P, P) estimated raw scores q . k of the first P keys (a codec that scores without
+    decompressing, QJL) in place of the exact ones."""
     G = q.shape[0] // k.shape[0]
     k, v = k.repeat_interleave(G, 0), v.repeat_interleave(G, 0)
-    s = q[:, P:] @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    s = q[:, P:] @ k.transpose(-1, -2)
+    if s_comp is not None:
+        s = torch.cat([s_comp.float(), s[..., P:]], -1)
+    s = s / math.sqrt(q.shape[-1])
     pos = torch.arange(k.shape[1])
     s = s.masked_fill(pos[None] > torch.arange(P, k.shape[1])[:, None], float("-inf"))
     return torch.softmax(s, -1) @ v
@@ -86,6 +91,55 @@ def layer_errors(rec, P, R, scale, sink, seed):
                 oh = attention(q, kk, vv, P)
                 out[(w, b)].append(((oh - o).pow(2).sum() / o.pow(2).sum()).item())
     return {key: torch.tensor(x) for key, x in out.items()}
+
+
+QJL_M = (128, 256, 384, 512)     # key sketch rows per layer, x head_dim / 128 (SmolLM2: 64 .. 256 = 1 .. 4 bits)
+
+
+def qjl_layer_errors(rec, P, R, qcfg, seed):
+    """{("k", m): (layers,) relative attention-output error with only the keys QJL-coded with m sketch
+    rows (`qcfg`'s outliers, outlier sketch and centering; values exact)}."""
+    codec = ref.CODECS[0]
+    out = {}
+    for L in sorted(rec):
+        q, k, v = rec[L]
+        D = k.shape[-1]
+        o = attention(q, k, v, P)
+        _, mo = qcfg.sketch_dims(L)
+        So = ref.sketch(D, mo, seed, 2 * L + 1)
+        params = [qcfg.outliers, 8, D] + ([R] if qcfg.qjl_center else [])
+        for m in qjl_ms(D):
+            S = ref.sketch(D, m, seed, 2 * L)
+            bufs = codec.compress(k[None, :, :P], v[None, :, :P], [S, So], params)
+            s_c = codec.scores(q[None, :, P:], [b.repeat_interleave(q.shape[0] // k.shape[0], 1) for b in bufs],
+                               [S, So], params)[0]                            # (Hq, W-P, P)
+            oh = attention(q, k, v, P, s_c)
+            out.setdefault(("k", m), []).append(((oh - o).pow(2).sum() / o.pow(2).sum()).item())
+    return {key: torch.tensor(x) for key, x in out.items()}
+
+
+def qjl_ms(D):
+    return tuple(m * D // 128 for m in QJL_M)
+
+
+def allocate_m(E, budget_m, D):
+    """Greedy sketch rows per layer with mean <= budget_m: start at the smallest size, repeatedly grow the
+    layer whose next size drops its error most per added row; -> (ms, mean error)."""
+    ms_all = qjl_ms(D)
+    n = len(E[("k", ms_all[0])])
+    ms = [ms_all[0]] * n
+    while True:
+        ups = []
+        for i in range(n):
+            j = ms_all.index(ms[i])
+            if j + 1 < len(ms_all) and (sum(ms) - ms[i] + ms_all[j + 1]) / n <= budget_m + 1e-9:
+                gain = (E[("k", ms[i])][i] - E[("k", ms_all[j + 1])][i]).item() / (ms_all[j + 1] - ms[i])
+                ups.append((gain, i, ms_all[j + 1]))
+        if not ups:
+            break
+        _, i, m = max(ups)
+        ms[i] = m
+    return ms, sum(E[("k", ms[i])][i].item() for i in range(n)) / n
 
 
 def allocate(E, budget, D, R):
@@ -137,19 +191,43 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", default="match", choices=sorted(rot.SCALE_MODES))
     ap.add_argument("--sink", type=int, default=4)
     ap.add_argument("--seed", type=int, default=42, help="QJLConfig.seed (the per-layer rotations)")
+    ap.add_argument("--codec", choices=("rotation", "qjl"), default="rotation",
+                    help="qjl: per-layer key sketch rows (--qjl-preset's outliers and centering), budget "
+                         "--budget-m mean rows (x head_dim / 128)")
+    ap.add_argument("--qjl-preset", default="m512-center-o4")
+    ap.add_argument("--budget-m", type=int, default=512, help="qjl: mean key sketch rows at head_dim 128")
     a = ap.parse_args(argv)
     model, tok = models.load_model(None)
     P = int(a.window * a.prefill_frac)
+    if a.codec == "qjl":
+        from qjl_compile import QJLConfig
+        qcfg = QJLConfig.preset(a.qjl_preset, head_dim=model.config.head_dim,
+                                num_layers=model.config.num_hidden_layers)
     errs = []
     for kind in a.kinds.split(","):
         text = models.pydoc_text() if kind == "pydoc" else ev.stdlib_source_text(1_200_000)[0]
         ids = torch.tensor(tok.encode(text, add_special_tokens=False))
         for w in ev.make_windows(ev.split_ids(ids, "tune"), a.window, a.n_windows):
+            if a.codec == "qjl":
+                errs.append(qjl_layer_errors(record_qkv(model, w), P, a.residual, qcfg, a.seed))
+                print(f"[layer_bits] {kind} window {len(errs)}: " + " ".join(
+                    f"m{k[1]} {x.mean():.5f}" for k, x in sorted(errs[-1].items())), file=sys.stderr)
+                continue
             errs.append(layer_errors(record_qkv(model, w), P, a.residual, a.scale, a.sink, a.seed))
             print(f"[layer_bits] {kind} window {len(errs)}: K3 {errs[-1][('k', 3)].mean():.5f} "
                   f"V3 {errs[-1][('v', 3)].mean():.5f}", file=sys.stderr)
     E = {key: torch.stack([e[key] for e in errs]).mean(0) for key in errs[0]}
     D = model.config.head_dim
+    if a.codec == "qjl":
+        for key in sorted(E):
+            print(f"m={key[1]} per layer:", " ".join(f"{x * 1e3:.2f}" for x in E[key].tolist()), "(x1e-3)")
+        bm = a.budget_m * D // 128
+        ms, err = allocate_m(E, bm, D)
+        base = E[("k", bm)].mean().item() if ("k", bm) in E else float("nan")
+        print(f"mean rows {bm}: schedule mean {sum(ms) / len(ms):.1f}, mean layer error {err:.6f} "
+              f"(every layer at {bm}: {base:.6f})")
+        print(f"qjl_layer_sketch_dims={tuple(m * 128 // D for m in ms)}  # at head_dim 128")
+        return 0
     for key in sorted(E):
         print(f"{key[0]}{key[1]} per layer:", " ".join(f"{x * 1e3:.2f}" for x in E[key].tolist()), "(x1e-3)")
     kb, vb, rate, err = allocate(E, a.budget, D, a.residual)

@@ -67,6 +67,9 @@ def check_qjl(state, consts, meta, what):
     if int(meta[0]) != 0:
         raise NotImplementedError(f"{what}: this is the QJL (codec 0) kernel, got codec {meta[0]} "
                                   "(kernels/triton KERNELS dispatches by codec)")
+    if len(meta) > 7 and int(meta[7]):
+        raise NotImplementedError(f"{what}: exact outlier channels (QJLConfig.qjl_exact_outliers) are implemented in "
+                                  "the reference (CPU) codec only; the fused kernels sketch the outlier channels")
     if len(meta) not in (6, 7) or (len(meta) == 7 and int(meta[6]) not in (0, int(meta[1]))):
         raise ValueError(f"{what}: QJL meta must be [0, R, L, o, value_bits, value_group] or the same + [center] "
                          f"(center = 0 or R: key centering, QJLConfig.qjl_center), got {list(meta)}")

@@ -117,6 +117,11 @@ def outlier_index(k: torch.Tensor, o: int) -> torch.Tensor:
     return idx.sort(dim=-1).values
 
 
+def outlier_values(k: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(..., N, D) keys, (..., N/32, o) channels -> (..., N, o) fp32: each key's values on its group's outlier channels."""
+    return torch.gather(k.float(), -1, idx.long().repeat_interleave(GROUP, dim=-2))
+
+
 def outlier_mask(idx: torch.Tensor, d: int, n: int) -> torch.Tensor:
     """(..., N/32, o) channel indices -> (..., N, D) bool, True on outlier channels."""
     *lead, ng, o = idx.shape
@@ -281,8 +286,13 @@ class Codec(abc.ABC):
 
 
 def qjl_center_block(params) -> int:
-    """Key-centering block of QJL params [o, value_bits, value_group(, center)]: 0 = off, else R."""
+    """Key-centering block of QJL params [o, value_bits, value_group(, center(, exact))]: 0 = off, else R."""
     return int(params[3]) if len(params) > 3 else 0
+
+
+def qjl_exact_outliers(params) -> bool:
+    """QJL params' 5th entry: the outlier channels stored exactly (QJLConfig.qjl_exact_outliers)."""
+    return len(params) > 4 and bool(int(params[4]))
 
 
 def block_means(k, block, side_dtype=torch.float16):
@@ -304,13 +314,18 @@ class QJLCodec(Codec):
     def specs(self, d, consts, params):
         o, vb, vg = params[:3]
         m, mo = consts[0].shape[0], consts[1].shape[0]
+        ex = qjl_exact_outliers(params)
+        if ex and mo:
+            raise ValueError(f"QJL codec: exact outlier channels take no outlier sketch, got m_out={mo}")
         out = [Spec("kbits", 1, (m // 8,), torch.uint8), Spec("knorm", 1, (), "side"),
-               Spec("kobits", 1, (mo // 8,), torch.uint8), Spec("konorm", 1, (), "side"),
+               Spec("kobits", 1, (mo // 8,), torch.uint8), Spec("konorm", 1, (0,) if ex else (), "side"),
                Spec("kidx", GROUP, (o,), torch.uint8), Spec("vcodes", 1, (d * vb // 8,), torch.uint8),
                Spec("vscale", 1, (d // vg,), "side"), Spec("vzero", 1, (d // vg,), "side")]
         cb = qjl_center_block(params)
         if cb:
             out.append(Spec("kmean", cb, (d,), "side"))
+        if ex:
+            out.append(Spec("koval", 1, (o,), "side"))     # the group's outlier channels of each key, exact
         return out
 
     def compress(self, k, v, consts, params, side_dtype=torch.float16):
@@ -323,6 +338,9 @@ class QJLCodec(Codec):
             k = k.float() - mean.float().repeat_interleave(cb, dim=-2)
             extra = [mean]
         bits, norm, obits, onorm, idx = qjl_quantize_keys(k, S, So, o, side_dtype)
+        if qjl_exact_outliers(params):
+            extra.append(outlier_values(k, idx).to(side_dtype))
+            onorm = onorm.unsqueeze(-1)[..., :0]          # (..., N, 0): no outlier norm
         codes, scale, zero = quantize_values(v, vb, vg, side_dtype)
         return [bits, norm, obits, onorm, idx, codes, scale, zero, *extra]
 
@@ -332,6 +350,8 @@ class QJLCodec(Codec):
     def keys(self, bufs, consts, params):
         bits, norm, obits, onorm, idx = bufs[:5]
         k = qjl_dequantize_keys(bits, norm, obits, onorm, idx, *consts)
+        if qjl_exact_outliers(params):
+            k = k.scatter(-1, idx.long().repeat_interleave(GROUP, dim=-2), bufs[-1].float())
         cb = qjl_center_block(params)
         if cb:
             k = k + bufs[8].float().repeat_interleave(cb, dim=-2)
@@ -344,6 +364,14 @@ class QJLCodec(Codec):
     def scores(self, q, bufs, consts, params):
         bits, norm, obits, onorm, idx = bufs[:5]
         s = qjl_scores(q, bits, norm, obits, onorm, idx, *consts)
+        if qjl_exact_outliers(params):   # + q . (the key's exact outlier channels)
+            n, ng = bits.shape[-2], bits.shape[-2] // GROUP
+            il = idx.long()
+            qf = q.float()
+            q_sel = torch.gather(qf.unsqueeze(-2).expand(*qf.shape[:-1], ng, qf.shape[-1]), -1,
+                                 il.unsqueeze(-3).expand(*il.shape[:-2], qf.shape[-2], ng, il.shape[-1]))
+            kov = bufs[-1].float().reshape(*bufs[-1].shape[:-2], ng, GROUP, il.shape[-1])
+            s = s + torch.einsum("...qgo,...gto->...qgt", q_sel, kov).reshape(*s.shape[:-1], n)
         cb = qjl_center_block(params)
         if cb:   # exact q . mean of each token's block
             s = s + (q.float() @ bufs[8].float().transpose(-1, -2)).repeat_interleave(cb, dim=-1)

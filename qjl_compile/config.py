@@ -66,6 +66,13 @@ class QJLConfig:
         estimator's variance grows with the whole key norm, and real keys share a large mean.
         Triton append supports it; the fused attend kernels do not (a centered cache attends
         through the sync-free SDPA route on CUDA, said once in the log).
+    qjl_exact_outliers : bool
+        QJL codec: the ``outliers`` channels of each 32-token group are stored exactly (side dtype,
+        16 bits each) instead of through the outlier sketch (``outlier_sketch_dim`` is then unused, no
+        outlier norm): at 4 channels of head_dim 64 that is 64 bits a key against the sketch's 64 + 16,
+        and no estimation error on the channels that carry the largest share of the key norm. The
+        reference (CPU) implements it; on CUDA the cache refuses it (the Triton/CUDA kernels sketch
+        the outliers).
     rotation_initial_keys_only : bool
         Rotation codec: ``rotation_initial_bits`` raises only the keys of the first
         ``initial_layers`` layers (values keep ``rotation_value_bits``).
@@ -124,6 +131,7 @@ class QJLConfig:
     rotation_scale: str = "lsq"
     rotation_center: str = "none"
     qjl_center: bool = False
+    qjl_exact_outliers: bool = False
     rotation_initial_keys_only: bool = False
     rotation_layer_key_bits: tuple = ()
     rotation_layer_value_bits: tuple = ()
@@ -187,6 +195,9 @@ class QJLConfig:
             bad("qjl_center", "True or False")
         if self.qjl_center and self.method != "qjl":
             bad("qjl_center", "False unless method='qjl' (the rotation codec has rotation_center)")
+        if not isinstance(self.qjl_exact_outliers, bool) or (self.qjl_exact_outliers and (
+                self.method != "qjl" or not self.outliers)):
+            bad("qjl_exact_outliers", "False, or True with method='qjl' and outliers > 0")
         if not isinstance(self.rotation_layer_key_bits, tuple) or any(
                 b not in (1, 2, 3, 4) for b in self.rotation_layer_key_bits):
             bad("rotation_layer_key_bits", "a tuple of ints in [1, 4] (one per layer) or ()")
@@ -219,6 +230,8 @@ class QJLConfig:
         first = layer_idx < self.initial_layers
         m = self.sketch_dim_initial if first else self.sketch_dim
         mo = (self.outlier_sketch_dim_initial if first else self.outlier_sketch_dim) if self.outliers else 0
+        if self.qjl_exact_outliers:
+            mo = 0     # the outlier channels are stored, not sketched
         return m, mo
 
     def rotation_bits(self, layer_idx: int) -> tuple[int, int]:
@@ -338,6 +351,10 @@ PRESETS: dict[str, dict] = {
     "m512-center-o4": dict(method="qjl", sketch_dim=512, sketch_dim_initial=512, initial_layers=0,
                            outliers=4, outlier_sketch_dim=128, outlier_sketch_dim_initial=128,
                            value_bits=2, value_group=32, residual=128, qjl_center=True),
+    # the same with the 4 outlier channels stored exactly instead of sketched (0.125 bits/value fewer)
+    "m512-center-o4x": dict(method="qjl", sketch_dim=512, sketch_dim_initial=512, initial_layers=0,
+                            outliers=4, outlier_sketch_dim=128, outlier_sketch_dim_initial=128,
+                            value_bits=2, value_group=32, residual=128, qjl_center=True, qjl_exact_outliers=True),
     "m480-center-v4": dict(method="qjl", sketch_dim=480, sketch_dim_initial=480, initial_layers=0,
                            outliers=0, outlier_sketch_dim=0, outlier_sketch_dim_initial=0,
                            value_bits=4, value_group=64, residual=128, qjl_center=True),
