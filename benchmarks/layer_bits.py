@@ -93,7 +93,7 @@ def layer_errors(rec, P, R, scale, sink, seed):
     return {key: torch.tensor(x) for key, x in out.items()}
 
 
-QJL_M = (128, 256, 384, 512)     # key sketch rows per layer, x head_dim / 128 (SmolLM2: 64 .. 256 = 1 .. 4 bits)
+QJL_M = (128, 256, 512, 768, 1024)   # key sketch rows per layer, x head_dim / 128 (SmolLM2: 64 .. 512 = 1 .. 8 bits)
 
 
 def qjl_layer_errors(rec, P, R, qcfg, seed):
@@ -108,6 +108,8 @@ def qjl_layer_errors(rec, P, R, qcfg, seed):
         _, mo = qcfg.sketch_dims(L)
         So = ref.sketch(D, mo, seed, 2 * L + 1)
         params = [qcfg.outliers, 8, D] + ([R] if qcfg.qjl_center else [])
+        if qcfg.qjl_exact_outliers:           # as QJLCache builds them (qjl_compile/cache.py _codec_setup)
+            params = params[:3] + [R if qcfg.qjl_center else 0, 1]
         for m in qjl_ms(D):
             S = ref.sketch(D, m, seed, 2 * L)
             bufs = codec.compress(k[None, :, :P], v[None, :, :P], [S, So], params)
@@ -194,7 +196,7 @@ def main(argv=None) -> int:
     ap.add_argument("--codec", choices=("rotation", "qjl"), default="rotation",
                     help="qjl: per-layer key sketch rows (--qjl-preset's outliers and centering), budget "
                          "--budget-m mean rows (x head_dim / 128)")
-    ap.add_argument("--qjl-preset", default="m512-center-o4")
+    ap.add_argument("--qjl-preset", default="m512-center-o4x")
     ap.add_argument("--budget-m", type=int, default=512, help="qjl: mean key sketch rows at head_dim 128")
     a = ap.parse_args(argv)
     model, tok = models.load_model(None)
@@ -226,7 +228,7 @@ def main(argv=None) -> int:
         base = E[("k", bm)].mean().item() if ("k", bm) in E else float("nan")
         print(f"mean rows {bm}: schedule mean {sum(ms) / len(ms):.1f}, mean layer error {err:.6f} "
               f"(every layer at {bm}: {base:.6f})")
-        print(f"qjl_layer_sketch_dims={tuple(m * 128 // D for m in ms)}  # at head_dim 128")
+        print(f"qjl_layer_sketch_dims={tuple(m * 128 // D for m in ms)}  # for head_dim 128 (QJLConfig.preset scales it)")
         return 0
     for key in sorted(E):
         print(f"{key[0]}{key[1]} per layer:", " ".join(f"{x * 1e3:.2f}" for x in E[key].tolist()), "(x1e-3)")

@@ -73,6 +73,11 @@ class QJLConfig:
         and no estimation error on the channels that carry the largest share of the key norm. The
         reference (CPU) implements it; on CUDA the cache refuses it (the Triton/CUDA kernels sketch
         the outliers).
+    qjl_layer_sketch_dims : tuple of int
+        QJL codec: per-layer key sketch rows (one entry per layer, multiples of 8) overriding
+        ``sketch_dim`` / ``sketch_dim_initial``; () = off. A fixed schedule from per-layer sensitivity on
+        tune windows (``benchmarks/layer_bits.py --codec qjl``); presets write it for head_dim 128 and
+        scale it like the other sketch sizes.
     rotation_initial_keys_only : bool
         Rotation codec: ``rotation_initial_bits`` raises only the keys of the first
         ``initial_layers`` layers (values keep ``rotation_value_bits``).
@@ -132,6 +137,7 @@ class QJLConfig:
     rotation_center: str = "none"
     qjl_center: bool = False
     qjl_exact_outliers: bool = False
+    qjl_layer_sketch_dims: tuple = ()
     rotation_initial_keys_only: bool = False
     rotation_layer_key_bits: tuple = ()
     rotation_layer_value_bits: tuple = ()
@@ -195,6 +201,11 @@ class QJLConfig:
             bad("qjl_center", "True or False")
         if self.qjl_center and self.method != "qjl":
             bad("qjl_center", "False unless method='qjl' (the rotation codec has rotation_center)")
+        if not isinstance(self.qjl_layer_sketch_dims, tuple) or any(
+                not isinstance(v, int) or v < 8 or v % 8 or v > 8192 for v in self.qjl_layer_sketch_dims):
+            bad("qjl_layer_sketch_dims", "a tuple of multiples of 8 in [8, 8192] (one per layer) or ()")
+        if self.qjl_layer_sketch_dims and self.method != "qjl":
+            bad("qjl_layer_sketch_dims", "() unless method='qjl'")
         if not isinstance(self.qjl_exact_outliers, bool) or (self.qjl_exact_outliers and (
                 self.method != "qjl" or not self.outliers)):
             bad("qjl_exact_outliers", "False, or True with method='qjl' and outliers > 0")
@@ -229,6 +240,11 @@ class QJLConfig:
         """(m, m_out) for one layer; m_out is 0 when outliers are off."""
         first = layer_idx < self.initial_layers
         m = self.sketch_dim_initial if first else self.sketch_dim
+        if self.qjl_layer_sketch_dims:
+            if layer_idx >= len(self.qjl_layer_sketch_dims):
+                raise ValueError(f"QJLConfig.qjl_layer_sketch_dims has {len(self.qjl_layer_sketch_dims)} entries, the "
+                                 f"model has more layers (layer {layer_idx}): one entry per layer")
+            m = self.qjl_layer_sketch_dims[layer_idx]
         mo = (self.outlier_sketch_dim_initial if first else self.outlier_sketch_dim) if self.outliers else 0
         if self.qjl_exact_outliers:
             mo = 0     # the outlier channels are stored, not sketched
@@ -302,10 +318,12 @@ class QJLConfig:
                 base[k] = m(base[k])
         if "initial_layers" in base:
             base["initial_layers"] = int(round(base["initial_layers"] * num_layers / 32))
-        for k in ("rotation_layer_key_bits", "rotation_layer_value_bits"):
+        for k in ("rotation_layer_key_bits", "rotation_layer_value_bits", "qjl_layer_sketch_dims"):
             if base.get(k) and len(base[k]) != num_layers:   # by relative depth: layer i <- entry i*n/L
                 n = len(base[k])
                 base[k] = tuple(base[k][i * n // num_layers] for i in range(num_layers))
+        if base.get("qjl_layer_sketch_dims"):
+            base["qjl_layer_sketch_dims"] = tuple(m(v) for v in base["qjl_layer_sketch_dims"])
         base.update(overrides)
         return cls(**base)
 

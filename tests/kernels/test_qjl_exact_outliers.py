@@ -96,3 +96,33 @@ def test_fused_kernels_refuse_exact_outliers():
     assert "qjl_exact_outliers" in cq.unsupported(torch.zeros(1, 1, 1, 64), st, consts, meta)
     with pytest.raises(NotImplementedError, match="qjl_exact_outliers"):
         checks.check_qjl(st, consts, meta, "t")
+
+
+def test_layer_sketch_dims_schedule():
+    from transformers import LlamaConfig
+
+    from qjl_compile import QJLCache
+
+    c = QJLConfig.preset("m512-center-o4x", head_dim=64, num_layers=4)
+    sched = c.replace(qjl_layer_sketch_dims=(64, 128, 256, 512))
+    assert [sched.sketch_dims(i)[0] for i in range(4)] == [64, 128, 256, 512]
+    with pytest.raises(ValueError, match="one entry per layer"):
+        sched.sketch_dims(4)
+    with pytest.raises(ValueError, match="qjl_layer_sketch_dims"):
+        QJLConfig(qjl_layer_sketch_dims=(100,))
+    with pytest.raises(ValueError, match="qjl_layer_sketch_dims"):
+        QJLConfig(method="rotation", qjl_layer_sketch_dims=(128,))
+    # a preset's schedule is written for head_dim 128 and 32 layers: scaled and resampled by depth
+    from qjl_compile import config as qc
+    qc.PRESETS["_t"] = dict(qc.PRESETS["m512-center-o4x"], qjl_layer_sketch_dims=(128,) * 16 + (1024,) * 16)
+    try:
+        p = QJLConfig.preset("_t", head_dim=64, num_layers=4)
+        assert p.qjl_layer_sketch_dims == (64, 64, 512, 512)
+    finally:
+        del qc.PRESETS["_t"]
+    # bits follow the rows: the mean key sketch of 240 rows at head_dim 64 costs 240/64 bits
+    mc = LlamaConfig(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=4,
+                     intermediate_size=64, vocab_size=64, max_position_embeddings=1024)
+    mem = {s: QJLCache(mc, 1024, cfg, batch_size=1, device="cpu", dtype=torch.float16).memory()
+           for s, cfg in (("flat", c), ("sched", sched))}
+    assert mem["sched"]["k_bits"] == pytest.approx(mem["flat"]["k_bits"] + (240 - 256) / 64)
