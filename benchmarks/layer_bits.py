@@ -125,18 +125,18 @@ def qjl_ms(D):
 
 
 def allocate_m(E, budget_m, D):
-    """Greedy sketch rows per layer with mean <= budget_m: start at the smallest size, repeatedly grow the
-    layer whose next size drops its error most per added row; -> (ms, mean error)."""
+    """Sketch rows per layer with mean <= budget_m: start every layer at the smallest size, then
+    repeatedly take the move (one layer to any larger size) with the largest error drop per added row
+    that fits (any larger size, not only the next: a single window's error is not monotone in m);
+    -> (ms, mean error)."""
     ms_all = qjl_ms(D)
     n = len(E[("k", ms_all[0])])
     ms = [ms_all[0]] * n
     while True:
-        ups = []
-        for i in range(n):
-            j = ms_all.index(ms[i])
-            if j + 1 < len(ms_all) and (sum(ms) - ms[i] + ms_all[j + 1]) / n <= budget_m + 1e-9:
-                gain = (E[("k", ms[i])][i] - E[("k", ms_all[j + 1])][i]).item() / (ms_all[j + 1] - ms[i])
-                ups.append((gain, i, ms_all[j + 1]))
+        ups = [((E[("k", ms[i])][i] - E[("k", m)][i]).item() / (m - ms[i]), i, m)
+               for i in range(n) for m in ms_all
+               if m > ms[i] and (sum(ms) - ms[i] + m) / n <= budget_m + 1e-9]
+        ups = [u for u in ups if u[0] > 0]
         if not ups:
             break
         _, i, m = max(ups)
