@@ -198,7 +198,25 @@ def main(argv=None) -> int:
                          "--budget-m mean rows (x head_dim / 128)")
     ap.add_argument("--qjl-preset", default="m512-center-o4x")
     ap.add_argument("--budget-m", type=int, default=512, help="qjl: mean key sketch rows at head_dim 128")
+    ap.add_argument("--from-log", default=None, help="qjl: allocate from the per-layer error lines an earlier run "
+                    "printed (\"m=... per layer: ...\"), no model run; --head-dim gives their head_dim")
+    ap.add_argument("--head-dim", type=int, default=64)
     a = ap.parse_args(argv)
+    if a.from_log:
+        import re
+        E = {}
+        with open(a.from_log) as f:
+            for line in f:
+                m = re.match(r"m=(\d+) per layer: (.*) \(x1e-3\)", line)
+                if m:
+                    E[("k", int(m.group(1)))] = torch.tensor([float(x) * 1e-3 for x in m.group(2).split()])
+        if not E:
+            ap.error(f"--from-log {a.from_log}: no 'm=... per layer' lines")
+        ms, err = allocate_m(E, a.budget_m * a.head_dim // 128, a.head_dim)
+        print(f"schedule mean {sum(ms) / len(ms):.1f} rows at head_dim {a.head_dim}, mean layer error {err:.6f}")
+        print(f"qjl_layer_sketch_dims={tuple(ms)}  # at head_dim {a.head_dim}; "
+              f"{tuple(m * 128 // a.head_dim for m in ms)} for head_dim 128")
+        return 0
     model, tok = models.load_model(None)
     P = int(a.window * a.prefill_frac)
     if a.codec == "qjl":
