@@ -373,6 +373,11 @@ PRESETS: dict[str, dict] = {
     "m512-center-o4x": dict(method="qjl", sketch_dim=512, sketch_dim_initial=512, initial_layers=0,
                             outliers=4, outlier_sketch_dim=128, outlier_sketch_dim_initial=128,
                             value_bits=2, value_group=32, residual=128, qjl_center=True, qjl_exact_outliers=True),
+    # 6 exact outlier channels (chosen on the tune windows among the <= 4.5-bit exact-outlier variants:
+    # 6 channels, a 288-row sketch, per-layer sketch schedules; RESULTS round 6)
+    "m512-center-o6x": dict(method="qjl", sketch_dim=512, sketch_dim_initial=512, initial_layers=0,
+                            outliers=6, outlier_sketch_dim=128, outlier_sketch_dim_initial=128,
+                            value_bits=2, value_group=32, residual=128, qjl_center=True, qjl_exact_outliers=True),
     "m480-center-v4": dict(method="qjl", sketch_dim=480, sketch_dim_initial=480, initial_layers=0,
                            outliers=0, outlier_sketch_dim=0, outlier_sketch_dim_initial=0,
                            value_bits=4, value_group=64, residual=128, qjl_center=True),
