@@ -162,8 +162,9 @@ class QJLConfig:
                 bad(name, "a multiple of 8 in [8, 8192]")
         for name in ("outlier_sketch_dim", "outlier_sketch_dim_initial"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 0 or v % 8 or v > 8192 or (self.outliers and v == 0):
-                bad(name, "a multiple of 8 in [8, 8192] (0 only with outliers=0)")
+            if not isinstance(v, int) or v < 0 or v % 8 or v > 8192 or (
+                    self.outliers and v == 0 and self.qjl_exact_outliers is not True):
+                bad(name, "a multiple of 8 in [8, 8192] (0 only with outliers=0 or qjl_exact_outliers=True)")
         if not isinstance(self.initial_layers, int) or self.initial_layers < 0:
             bad("initial_layers", "an integer >= 0")
         if not isinstance(self.outliers, int) or not 0 <= self.outliers <= 64:

@@ -85,6 +85,7 @@ def test_exact_outliers_bits_and_config():
         QJLConfig(outliers=0, outlier_sketch_dim=0, outlier_sketch_dim_initial=0, qjl_exact_outliers=True)
     with pytest.raises(ValueError, match="qjl_exact_outliers"):
         QJLConfig(method="rotation", qjl_exact_outliers=True)
+    assert QJLConfig(outlier_sketch_dim=0, outlier_sketch_dim_initial=0, qjl_exact_outliers=True).sketch_dims(0)[1] == 0
     with pytest.raises(ValueError, match="reference \\(CPU\\) codec only"):
         QJLCache(mc, 1024, base.replace(qjl_exact_outliers=True), batch_size=1, device="meta", dtype=torch.float16)
 
