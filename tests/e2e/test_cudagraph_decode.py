@@ -109,3 +109,7 @@ def test_lazy_cache_under_cudagraphs_names_the_fix(model, preset):
                 fn(input_ids=ids, **cache_kwargs(cache), use_cache=True)
         except RuntimeError as e:
             assert "cudagraph pool" in str(e), e
+        finally:    # a failed recording must not leave its graph trees to the next tests
+            torch._dynamo.reset()
+            from torch._inductor import cudagraph_trees
+            cudagraph_trees.reset_cudagraph_trees()
