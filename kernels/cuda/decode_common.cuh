@@ -54,6 +54,25 @@ __device__ __forceinline__ u32 shl_(u32 x, int k) {
 // the cache, exact tokens, constants) overlaps that kernel; griddep_wait() must come before the first
 // read of what the previous kernel writes (a no-op when launched without PDL). griddep_launch() lets the
 // next kernel's CTAs be scheduled once every CTA of this grid has passed it.
+// TL=1 (benchmarks/timeline.py): thread 0 of every CTA stamps %globaltimer at event k; qjl_tl[k] keeps
+// the earliest stamp over CTAs, qjl_tl[16 + k] the latest. Compiled out otherwise.
+#ifndef TL
+#define TL 0
+#endif
+#if TL
+__device__ unsigned long long qjl_tl[32];
+__device__ __forceinline__ void tl_mark(int k) {
+    if (threadIdx.x == 0) {
+        unsigned long long t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t) :: "memory");
+        atomicMin(&qjl_tl[k], t);
+        atomicMax(&qjl_tl[16 + k], t);
+    }
+}
+#define TLM(k) tl_mark(k)
+#else
+#define TLM(k)
+#endif
 __device__ __forceinline__ void griddep_wait() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -312,6 +331,7 @@ __device__ __forceinline__ void combine_body(const A& a, u16* out, i64 sob, i64 
     const int e0 = max(cl, 0), ne = n - e0, n_old = n - a.T;
     const int qh = h * a.G + r / a.Tq, tq = r % a.Tq;
     const int nsk = NSINK ? min(NSINK, max(cl, 0)) : 0;
+    TLM(7);
     __shared__ float qrow[D];
     __shared__ float ps[EMAX];
     __shared__ float wsp[EMAX];
@@ -387,7 +407,9 @@ __device__ __forceinline__ void combine_body(const A& a, u16* out, i64 sob, i64 
     }
 #endif
     // ---- the split partials: written by the previous kernel ----
+    TLM(8);
     griddep_wait();
+    TLM(9);
     const float* op = a.opart + ((i64)bh * a.nsplit * 8 + r) * D + d;
     float opr[PREG];
 #pragma unroll
@@ -423,4 +445,5 @@ __device__ __forceinline__ void combine_body(const A& a, u16* out, i64 sob, i64 
         l += lpw;
     }
     out[b * sob + qh * soh + tq * sot + d] = f2q(l > 0.f ? acc / l : 0.f);
+    TLM(10);
 }

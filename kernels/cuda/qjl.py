@@ -17,6 +17,7 @@ from .. import reference as ref
 from ..checks import check_attend, check_qjl, late_constants, mask_args
 from . import allow_dynamic_smem, available, launch, module, pdl_supported
 
+TIMELINE = False         # benchmarks/timeline.py: build with TL=1 (per-event %globaltimer stamps, decode_common.cuh)
 KERNELS = ("qjl_prep", "qjl_split", "qjl_combine")
 LOG2E = 1.4426950408889634
 FMA_SHIFTS = False        # measured per codec (RESULTS.md); the shared header's FMAOFF
@@ -260,6 +261,8 @@ def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
         defines["SQ_SMEM"] = int(sq_smem)
     nst = STAGES if stages is None else int(stages)
     defines["STAGES"] = nst
+    if TIMELINE:
+        defines["TL"] = 1
     dyn = dyn_smem(nw, nst, D, m, mo, o, vb, vg)
     fns = module("qjl_decode", defines, KERNELS, q.device)
     _, scol, scsum, sig_s = sketch_planes(consts[0])

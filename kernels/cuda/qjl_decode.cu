@@ -152,6 +152,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
     const int lo = sp * a.chunk;
     const int hi = min(lo + a.chunk, cl);
     const i64 tb = (i64)bh * a.LC;                  // this (b, h)'s rows of every buffer
+    TLM(2);
     griddep_launch();                               // qjl_combine's exact part needs nothing of this kernel
 
     __shared__ float qf[8][D];
@@ -174,6 +175,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
         qhs[r][d] = f2h(v);
     }
     griddep_wait();                                 // sqf, sqsig: qjl_prep's
+    TLM(3);
 #if SQ_SMEM
     // S q fragments of this (b, h), shared by the CTA's warps (registers otherwise: SQ_SMEM=0)
     __shared__ SQT sqs[NCH][32];
@@ -228,6 +230,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
         if ((threadIdx.x & 3) == 0) qsum[r] = sum;
     }
     __syncthreads();
+    TLM(4);
 
     // every warp leaves its (m, l, unnormalized acc) here; the CTA merges them into one partial
     __shared__ float wm[NW][8], wl[NW][8];
@@ -531,11 +534,13 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
     }
 #if STAGES
     __syncthreads();                                // wo aliases the stages
+    TLM(5);
 #endif
     store_warp<NT, CPL, D, NW>(wo, wm, wl, warp, g, t, m_r, l_r, acc);
     }  // compressed split
     __syncthreads();
     merge_warps<D, NW>(a.opart + ((i64)bh * nslot + sp) * 8 * D, a.lse + ((i64)bh * nslot + sp) * 8, wo, wm, wl);
+    TLM(6);
 }
 
 // S q per query row in the K order of the key fragments, as 16-bit fixed point split into an s8
@@ -547,6 +552,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) qjl_split(const Args
 extern "C" __global__ void __launch_bounds__(256) qjl_prep(
         const u16* q, i64 sqb, i64 sqh, i64 sqt, const float* Sp,
         u8* sqf, float* sqsig, int H, int G, int Tq, int M) {
+    TLM(0);
     griddep_launch();                               // qjl_split's cp.async prologue needs nothing of this kernel
     const int bh = blockIdx.x, c = blockIdx.y, b = bh / H, h = bh % H;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -595,6 +601,7 @@ extern "C" __global__ void __launch_bounds__(256) qjl_prep(
     base[half * 4 + e] = (u8)(Q >> 8);
     base[8 + half * 4 + e] = (u8)(Q & 255);
 #endif
+    TLM(1);
 }
 
 // Per (b, kv head, query row): the exact tokens merged with the split partials (decode_common.cuh)

@@ -46,6 +46,7 @@ EARLY = False
 # HF's decode mask staged with the cache groups (rot_decode.cu MKS): H200 attend-opts.json, k4v3-match with
 # the (B, 1, 1, L) fp32 mask 68.0 -> 65.9 us at 128k, 129.1 -> 123.4 at B=16 16k, 34.9 -> 33.1 at 32k (no mask: 64.9)
 STAGE_MASK = True
+TIMELINE = False         # benchmarks/timeline.py: build with TL=1 (per-event %globaltimer stamps, decode_common.cuh)
 FUSE_Q = False           # Pi q in every split CTA on the tensor cores: slower than rot_prep under PDL (H200, attend-fq.json:
                          # k4v3-match 24.5 / 37.5 / 80.7 / 151.8 us against 23.2 / 36.0 / 79.8 / 149.5 at 4k / 32k / 128k / B=16 16k)
 _DERIVED: dict = {}
@@ -380,6 +381,8 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
                           f"16-byte aligned rows and >= {LC} positions; got mask kind {kind}, strides {tuple(ms)}")
     mks = (STAGE_MASK if stage_mask is None else bool(stage_mask)) and mask_stageable(kind, mt, ms, LC)
     defines["MKS"] = int(mks)
+    if TIMELINE:
+        defines["TL"] = 1
     mke = (1 if kind == 3 else 4) if mks else 0
     dyn = dyn_smem(nw, nst, D, kb, vb, nblk, ea, mke)
     fns = module("rot_decode", defines, KERNELS, q.device)

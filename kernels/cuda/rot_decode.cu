@@ -263,6 +263,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
     const int cl = min(c1, n - a.T);
     const int lo = sp * a.chunk;
     const int hi = min(lo + a.chunk, cl);
+    TLM(2);
     griddep_launch();                               // rot_combine's exact part needs nothing of this kernel
 
     extern __shared__ __align__(16) u8 dsm[];       // launcher: dyn_smem (stages + q'.mu table, merge)
@@ -349,6 +350,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
     const float* qsgb = qsg;
 #else
     griddep_wait();                                 // qr, qrs, qi, qsig: rot_prep's
+    TLM(3);
     for (int i = threadIdx.x; i < 8 * D / 8; i += NW * 32)
         ((uint4*)&qs[0][0])[i] = ((const uint4*)(a.qr + (i64)bh * 8 * D))[i];
     const signed char* qib = a.qi + (i64)bh * 16 * D;
@@ -395,6 +397,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
 
     __shared__ float wm[NW][8], wl[NW][8];
     float (*wo)[8][D] = (float (*)[8][D])dsm;       // the stages are free by then (launcher sizes dsm for both)
+    TLM(4);
     {
     float m_r[2] = {-INFINITY, -INFINITY}, mu_r[2] = {0.f, 0.f}, l_r[2] = {0.f, 0.f};
     float acc[NT][4];
@@ -735,10 +738,12 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
         cp_wait<0>();
     }
     __syncthreads();                                // wo aliases the stages
+    TLM(5);
     store_warp<NT, CPL, D, NW>(wo, wm, wl, warp, g, t, m_r, l_r, acc);
     }
     __syncthreads();
     merge_warps<D, NW>(a.opart + ((i64)bh * a.nsplit + sp) * 8 * D, a.lse + ((i64)bh * a.nsplit + sp) * 8, wo, wm, wl);
+    TLM(6);
 }
 
 // Pi q per query row, divided by a power of two 2^e (e from |q|) so that fp16 holds it at full
@@ -747,6 +752,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
 extern "C" __global__ void __launch_bounds__(256) rot_prep(
         const u16* q, i64 sqb, i64 sqh, i64 sqt, const float* pi, u16* qr, float* qrs, int H, int G, int Tq, int M,
         signed char* qi, float* qsig) {
+    TLM(0);
     griddep_launch();                               // rot_split's cp.async prologue needs nothing of this kernel
     const int bh = blockIdx.x, c = blockIdx.y, b = bh / H, h = bh % H;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -786,6 +792,7 @@ extern "C" __global__ void __launch_bounds__(256) rot_prep(
     qi[((i64)bh * 16 + 8 + warp) * D + c * 32 + lane] = (signed char)(Q - 256 * hd);
     if (c == 0 && lane == 0) qsig[bh * 8 + warp] = sig;
 #endif
+    TLM(1);
 }
 
 // Per (b, kv head, query row): the exact tokens (ring + new) merged with the split partials, which

@@ -758,3 +758,21 @@ def test_sass_count_tool_finds_the_group_loop():
     assert sc.pipe_of("PRMT") == "alu" and sc.pipe_of("IMAD") == "fma" and sc.pipe_of("UIADD3") == "uniform"
     with pytest.raises(ValueError, match="no loop"):
         sc.loop_mix("/*0000*/ IADD3 R1, R1, 1 ;\n/*0010*/ EXIT ;")
+
+
+@nvrtc_ok
+@pytest.mark.parametrize("name", ["rot_decode", "qjl_decode"])
+def test_timeline_stamps_only_when_asked(name, tmp_path):
+    # benchmarks/timeline.py builds with TL=1; every other build must not carry the stamps
+    from qjl_compile.kernels.cuda import compile_source
+    qjl = dict(D=128, MS=256, MO=128, NO=8, VB=2, VG=32, RR=128, NW=4, QDT=1, MK=3, CAUSAL=0, CAUSAL_C=0)
+    base = CONFIGS[0] if name == "rot_decode" else qjl
+    found = {}
+    for tl in (0, 1):
+        path = tmp_path / f"k{tl}.cubin"
+        path.write_bytes(compile_source(name, dict(base, **({"TL": 1} if tl else {})), "sm_90"))
+        sass = subprocess.run([_cuobjdump(), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+        found[tl] = {f: "GLOBALTIMER" in body for f, body in
+                     re.findall(r"Function : (\w+)\n(.*?)(?=\n\s+Function : |\Z)", sass, re.S)}
+    assert not any(found[0].values()), found[0]
+    assert all(found[1].values()) and len(found[1]) == 3, found[1]
