@@ -67,6 +67,9 @@ def check_qjl(state, consts, meta, what):
     if int(meta[0]) != 0:
         raise NotImplementedError(f"{what}: this is the QJL (codec 0) kernel, got codec {meta[0]} "
                                   "(kernels/triton KERNELS dispatches by codec)")
+    if len(meta) > 8 and int(meta[8]):
+        raise NotImplementedError(f"{what}: rotation-coded values (QJLConfig.qjl_value_codec='rotation') are "
+                                  "implemented in the reference (CPU) codec only; the fused kernels decode min/max values")
     if len(meta) > 7 and int(meta[7]):
         raise NotImplementedError(f"{what}: exact outlier channels (QJLConfig.qjl_exact_outliers) are implemented in "
                                   "the reference (CPU) codec only; the fused kernels sketch the outlier channels")

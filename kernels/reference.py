@@ -295,6 +295,16 @@ def qjl_exact_outliers(params) -> bool:
     return len(params) > 4 and bool(int(params[4]))
 
 
+def qjl_value_rotation(params) -> bool:
+    """QJL params' 6th entry: values coded as the rotation codec codes them (QJLConfig.qjl_value_codec
+    = "rotation"): Pi v, Lloyd-Max codes of value_bits bits, one "match" scale per token; consts gain
+    [Pi_v, codebook_v]."""
+    return len(params) > 5 and bool(int(params[5]))
+
+
+VROT_SCALE = 1   # rotation.SCALE_MODES["match"]: the rotation presets' value scale
+
+
 def block_means(k, block, side_dtype=torch.float16):
     """(..., N, D) -> per-block mean (..., N/block, D), rounded to `side_dtype` (what is stored)."""
     *lead, n, d = k.shape
@@ -303,7 +313,9 @@ def block_means(k, block, side_dtype=torch.float16):
 
 class QJLCodec(Codec):
     """QJL keys (1-bit sketch + outliers), min/max values. params = [o, value_bits, value_group]
-    or [o, value_bits, value_group, center]: center = R (the block size) subtracts each
+    or [o, value_bits, value_group, center(, exact(, value_rotation))]: value_rotation = 1 codes the
+    values with a random rotation and a Lloyd-Max codebook instead (`qjl_value_rotation`, consts
+    [S, S_out, Pi_v, codebook_v], one scale per token, no zero). center = R (the block size) subtracts each
     compressed block's mean key (per batch and kv head) before the outlier split and the sketch,
     stores the mean (buffer "kmean", one side-dtype D-vector per block: 16/R bits per key value)
     and adds q . mean exactly to every score of the block (k_hat = mean + QJL k_hat of the rest,
@@ -315,12 +327,15 @@ class QJLCodec(Codec):
         o, vb, vg = params[:3]
         m, mo = consts[0].shape[0], consts[1].shape[0]
         ex = qjl_exact_outliers(params)
+        vr = qjl_value_rotation(params)
+        if vr and len(consts) != 4:
+            raise ValueError(f"QJL codec: rotation-coded values take consts [S, S_out, Pi_v, codebook_v], got {len(consts)}")
         if ex and mo:
             raise ValueError(f"QJL codec: exact outlier channels take no outlier sketch, got m_out={mo}")
         out = [Spec("kbits", 1, (m // 8,), torch.uint8), Spec("knorm", 1, (), "side"),
                Spec("kobits", 1, (mo // 8,), torch.uint8), Spec("konorm", 1, (0,) if ex else (), "side"),
                Spec("kidx", GROUP, (o,), torch.uint8), Spec("vcodes", 1, (d * vb // 8,), torch.uint8),
-               Spec("vscale", 1, (d // vg,), "side"), Spec("vzero", 1, (d // vg,), "side")]
+               Spec("vscale", 1, (1,) if vr else (d // vg,), "side"), Spec("vzero", 1, (0,) if vr else (d // vg,), "side")]
         cb = qjl_center_block(params)
         if cb:
             out.append(Spec("kmean", cb, (d,), "side"))
@@ -331,7 +346,7 @@ class QJLCodec(Codec):
     def compress(self, k, v, consts, params, side_dtype=torch.float16):
         o, vb, vg = params[:3]
         cb = qjl_center_block(params)
-        S, So = consts
+        S, So = consts[:2]
         extra = []
         if cb:
             mean = block_means(k, cb, side_dtype)
@@ -341,7 +356,12 @@ class QJLCodec(Codec):
         if qjl_exact_outliers(params):
             extra.append(outlier_values(k, idx).to(side_dtype))
             onorm = onorm.unsqueeze(-1)[..., :0]          # (..., N, 0): no outlier norm
-        codes, scale, zero = quantize_values(v, vb, vg, side_dtype)
+        if qjl_value_rotation(params):
+            from . import rotation as rot
+            codes, a = rot.quantize(v, consts[2], consts[3], VROT_SCALE, side_dtype)
+            scale, zero = a.unsqueeze(-1), a.unsqueeze(-1)[..., :0]
+        else:
+            codes, scale, zero = quantize_values(v, vb, vg, side_dtype)
         return [bits, norm, obits, onorm, idx, codes, scale, zero, *extra]
 
     def decompress(self, bufs, consts, params):
@@ -349,7 +369,7 @@ class QJLCodec(Codec):
 
     def keys(self, bufs, consts, params):
         bits, norm, obits, onorm, idx = bufs[:5]
-        k = qjl_dequantize_keys(bits, norm, obits, onorm, idx, *consts)
+        k = qjl_dequantize_keys(bits, norm, obits, onorm, idx, *consts[:2])
         if qjl_exact_outliers(params):
             k = k.scatter(-1, idx.long().repeat_interleave(GROUP, dim=-2), bufs[-1].float())
         cb = qjl_center_block(params)
@@ -359,11 +379,14 @@ class QJLCodec(Codec):
 
     def values(self, bufs, consts, params):
         vb, vg = params[1:3]
+        if qjl_value_rotation(params):
+            from . import rotation as rot
+            return rot.dequantize(bufs[5], bufs[6][..., 0], consts[2], consts[3])
         return dequantize_values(bufs[5], bufs[6], bufs[7], vb, vg)
 
     def scores(self, q, bufs, consts, params):
         bits, norm, obits, onorm, idx = bufs[:5]
-        s = qjl_scores(q, bits, norm, obits, onorm, idx, *consts)
+        s = qjl_scores(q, bits, norm, obits, onorm, idx, *consts[:2])
         if qjl_exact_outliers(params):   # + q . (the key's exact outlier channels)
             n, ng = bits.shape[-2], bits.shape[-2] // GROUP
             il = idx.long()

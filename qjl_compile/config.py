@@ -38,7 +38,8 @@ class QJLConfig:
     outlier_sketch_dim, outlier_sketch_dim_initial : int
         m_out, rows of the outlier sketch (multiple of 8; ignored when ``outliers == 0``).
     value_bits : int
-        Bits per value code (QJL: 2, 4 or 8; DecoQuant uses ``decoquant_bits`` for K and V).
+        Bits per value code (QJL: 2, 4 or 8; 2, 3 or 4 with ``qjl_value_codec="rotation"``; DecoQuant
+        uses ``decoquant_bits`` for K and V).
     value_group : int
         Channels sharing one value scale/zero (divides head_dim).
     residual : int
@@ -73,6 +74,14 @@ class QJLConfig:
         and no estimation error on the channels that carry the largest share of the key norm. The
         reference (CPU) implements it; on CUDA the cache refuses it (the Triton/CUDA kernels sketch
         the outliers).
+    qjl_value_codec : {"minmax", "rotation"}
+        QJL codec: how values are coded. "minmax" (QJL's own): asymmetric per ``value_group``
+        channels, fp16 scale and zero per group (value_bits + 32 / value_group bits a value).
+        "rotation": as the rotation codec codes them, a random rotation, a Lloyd-Max codebook of
+        ``value_bits`` bits and one "match" scale per token (value_bits + 16 / head_dim bits;
+        ``value_group`` unused): at head_dim 64, 2.25 bits for about half the attention-output error
+        of 2-bit min/max (3 bits), 3.25 bits for an eighth (benchmarks/RESULTS.md, issue 17 round 7).
+        Reference (CPU) only for now; on CUDA the cache refuses it.
     qjl_layer_sketch_dims : tuple of int
         QJL codec: per-layer key sketch rows (one entry per layer, multiples of 8) overriding
         ``sketch_dim`` / ``sketch_dim_initial``; () = off. A fixed schedule from per-layer sensitivity on
@@ -137,6 +146,7 @@ class QJLConfig:
     rotation_center: str = "none"
     qjl_center: bool = False
     qjl_exact_outliers: bool = False
+    qjl_value_codec: str = "minmax"
     qjl_layer_sketch_dims: tuple = ()
     rotation_initial_keys_only: bool = False
     rotation_layer_key_bits: tuple = ()
@@ -169,7 +179,14 @@ class QJLConfig:
             bad("initial_layers", "an integer >= 0")
         if not isinstance(self.outliers, int) or not 0 <= self.outliers <= 64:
             bad("outliers", "an integer in [0, 64] (and < head_dim)")
-        if self.value_bits not in (2, 4, 8):
+        if self.qjl_value_codec not in ("minmax", "rotation"):
+            bad("qjl_value_codec", '"minmax" or "rotation"')
+        if self.qjl_value_codec == "rotation" and self.method != "qjl":
+            bad("qjl_value_codec", '"minmax" unless method=\'qjl\' (the rotation codec codes its values itself)')
+        if self.qjl_value_codec == "rotation":
+            if self.value_bits not in (2, 3, 4):
+                bad("value_bits", "2, 3 or 4 with qjl_value_codec='rotation' (the Lloyd-Max codebooks)")
+        elif self.value_bits not in (2, 4, 8):
             bad("value_bits", "2, 4 or 8")
         if self.decoquant_bits not in (2, 3, 4, 8):
             bad("decoquant_bits", "2, 3, 4 or 8")
