@@ -67,6 +67,9 @@ def check_qjl(state, consts, meta, what):
     if int(meta[0]) != 0:
         raise NotImplementedError(f"{what}: this is the QJL (codec 0) kernel, got codec {meta[0]} "
                                   "(kernels/triton KERNELS dispatches by codec)")
+    if len(meta) > 9 and int(meta[9]):
+        raise NotImplementedError(f"{what}: a fitted key norm (QJLConfig.qjl_key_scale) is computed by the reference "
+                                  "(CPU) append only; the fused append stores the unbiased norm")
     if len(meta) > 8 and int(meta[8]):
         raise NotImplementedError(f"{what}: rotation-coded values (QJLConfig.qjl_value_codec='rotation') are "
                                   "implemented in the reference (CPU) codec only; the fused kernels decode min/max values")

@@ -303,6 +303,27 @@ def qjl_value_rotation(params) -> bool:
 
 
 VROT_SCALE = 1   # rotation.SCALE_MODES["match"]: the rotation presets' value scale
+QJL_KEY_SCALES = {"unbiased": 0, "match": 1, "lsq": 2}
+
+
+def qjl_key_scale(params) -> int:
+    """QJL params' 7th entry (QJLConfig.qjl_key_scale): how the stored key norm scales the decoded
+    direction u = mask_in(S^T sign(S k_in)). 0 = ||k_in|| (the paper's unbiased estimator);
+    1 = match, c ||u|| stored norm = ||k_in|| (k_hat keeps the key's norm); 2 = lsq, the multiple of u
+    nearest k_in. The format is unchanged: only the stored norm differs."""
+    return int(params[6]) if len(params) > 6 else 0
+
+
+def qjl_fit_norm(k_in, bits, S, mode, idx, side_dtype):
+    """The stored norm of `qjl_key_scale` mode 1 / 2 for inlier keys k_in (..., N, D)."""
+    m, d = S.shape
+    u = torch.where(outlier_mask(idx, d, k_in.shape[-2]), 0.0, signs(bits) @ S) * qjl_const(m, d)
+    uu = u.pow(2).sum(-1).clamp_min(1e-30)
+    if mode == 1:
+        nrm = k_in.norm(dim=-1) / uu.sqrt()
+    else:
+        nrm = (k_in * u).sum(-1) / uu
+    return torch.where(k_in.norm(dim=-1) > 0, nrm, 0.0).to(side_dtype)
 
 
 def block_means(k, block, side_dtype=torch.float16):
@@ -353,6 +374,10 @@ class QJLCodec(Codec):
             k = k.float() - mean.float().repeat_interleave(cb, dim=-2)
             extra = [mean]
         bits, norm, obits, onorm, idx = qjl_quantize_keys(k, S, So, o, side_dtype)
+        ks = qjl_key_scale(params)
+        if ks:
+            k_in = torch.where(outlier_mask(idx, k.shape[-1], k.shape[-2]), 0.0, k.float())
+            norm = qjl_fit_norm(k_in, bits, S, ks, idx, side_dtype)
         if qjl_exact_outliers(params):
             extra.append(outlier_values(k, idx).to(side_dtype))
             onorm = onorm.unsqueeze(-1)[..., :0]          # (..., N, 0): no outlier norm

@@ -57,13 +57,16 @@ def _codec_setup(cfg: QJLConfig, layer_idx: int, d: int, device=None):
         m, mo = cfg.sketch_dims(layer_idx)
         consts = [ref.sketch(d, m, cfg.seed, 2 * layer_idx), ref.sketch(d, mo, cfg.seed, 2 * layer_idx + 1)]
         params = [cfg.outliers, cfg.value_bits, cfg.value_group] + ([cfg.residual] if cfg.qjl_center else [])
-        if cfg.qjl_exact_outliers or cfg.qjl_value_codec == "rotation":
+        if cfg.qjl_exact_outliers or cfg.qjl_value_codec == "rotation" or cfg.qjl_key_scale != "unbiased":
             # [o, vb, vg, center, exact(, value_rotation)]: outlier channels stored exactly / values rotation-coded
             params = params[:3] + [cfg.residual if cfg.qjl_center else 0, int(cfg.qjl_exact_outliers)]
         if cfg.qjl_value_codec == "rotation":
             from .kernels import rotation as rot
-            params.append(1)
             consts += [rot.rotation(d, cfg.seed, 1000 + layer_idx), rot.codebook(cfg.value_bits)]
+        if cfg.qjl_value_codec == "rotation" or cfg.qjl_key_scale != "unbiased":
+            params.append(int(cfg.qjl_value_codec == "rotation"))
+        if cfg.qjl_key_scale != "unbiased":
+            params.append(ref.QJL_KEY_SCALES[cfg.qjl_key_scale])
     elif cfg.method == "rotation":
         from .kernels import rotation as rot
         kb, vb = cfg.rotation_bits(layer_idx)
@@ -184,6 +187,10 @@ class QJLLayer(CacheLayerMixin):
             raise ValueError(f"QJLCache layer {self.layer_idx} got keys with {H} key/value heads, but the cache was "
                              f"built for {self.kv_heads}: a cache made for another model? {_BUILD_FIX}"
                              f"{_tp_hint(H, self.kv_heads)}")
+        if self.device.type != "cpu" and self.cfg.method == "qjl" and self.cfg.qjl_key_scale != "unbiased":
+            raise ValueError(f"QJLConfig(qjl_key_scale={self.cfg.qjl_key_scale!r}) is implemented in the reference "
+                             "(CPU) append only: the Triton append stores the unbiased norm. Use it on the CPU "
+                             "(accuracy studies), or qjl_key_scale='unbiased' on the GPU.")
         if self.device.type != "cpu" and self.cfg.method == "qjl" and self.cfg.qjl_value_codec == "rotation":
             raise ValueError("QJLConfig(qjl_value_codec='rotation') is implemented in the reference (CPU) codec only: "
                              "the Triton / CUDA C++ QJL kernels decode min/max values. Use it on the CPU (accuracy "

@@ -82,6 +82,11 @@ class QJLConfig:
         ``value_group`` unused): at head_dim 64, 2.25 bits for about half the attention-output error
         of 2-bit min/max (3 bits), 3.25 bits for an eighth (benchmarks/RESULTS.md, issue 17 round 7).
         Reference (CPU) only for now; on CUDA the cache refuses it.
+    qjl_key_scale : {"unbiased", "match", "lsq"}
+        QJL codec: the norm stored with each key's sign bits. "unbiased": ||k|| (the paper's
+        estimator, E[score] = q . k); "match": chosen so the decoded key has the key's norm; "lsq":
+        the multiple of the decoded direction nearest the key (kernels/reference.py `qjl_key_scale`).
+        The same buffers and scores; only append computes it, in the reference (CPU) for now.
     qjl_layer_sketch_dims : tuple of int
         QJL codec: per-layer key sketch rows (one entry per layer, multiples of 8) overriding
         ``sketch_dim`` / ``sketch_dim_initial``; () = off. A fixed schedule from per-layer sensitivity on
@@ -147,6 +152,7 @@ class QJLConfig:
     qjl_center: bool = False
     qjl_exact_outliers: bool = False
     qjl_value_codec: str = "minmax"
+    qjl_key_scale: str = "unbiased"
     qjl_layer_sketch_dims: tuple = ()
     rotation_initial_keys_only: bool = False
     rotation_layer_key_bits: tuple = ()
@@ -179,6 +185,10 @@ class QJLConfig:
             bad("initial_layers", "an integer >= 0")
         if not isinstance(self.outliers, int) or not 0 <= self.outliers <= 64:
             bad("outliers", "an integer in [0, 64] (and < head_dim)")
+        if self.qjl_key_scale not in ("unbiased", "match", "lsq"):
+            bad("qjl_key_scale", '"unbiased", "match" or "lsq"')
+        if self.qjl_key_scale != "unbiased" and self.method != "qjl":
+            bad("qjl_key_scale", '"unbiased" unless method=\'qjl\' (the rotation codec has rotation_scale)')
         if self.qjl_value_codec not in ("minmax", "rotation"):
             bad("qjl_value_codec", '"minmax" or "rotation"')
         if self.qjl_value_codec == "rotation" and self.method != "qjl":

@@ -117,6 +117,8 @@ class _Args(ctypes.Structure):
 
 def unsupported(q, state, consts, meta) -> str:
     """Why `qjl_attend_cuda` cannot take this call ("" if it can). Shapes/dtypes only."""
+    if len(meta) > 9 and int(meta[9]):
+        return "a fitted key norm (QJLConfig.qjl_key_scale) is not produced by the fused append (reference only)"
     if len(meta) > 8 and int(meta[8]):
         return "rotation-coded values (QJLConfig.qjl_value_codec='rotation') are not implemented in the CUDA C++ kernel"
     if len(meta) > 7 and int(meta[7]):

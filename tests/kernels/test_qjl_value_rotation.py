@@ -91,3 +91,52 @@ def test_value_codec_bits_config_and_refusals():
     assert "qjl_value_codec" in cq.unsupported(torch.zeros(1, 1, 1, 64), st, consts, meta)
     with pytest.raises(NotImplementedError, match="qjl_value_codec"):
         checks.check_qjl(st, consts, meta, "t")
+
+
+@pytest.mark.parametrize("mode", ["match", "lsq"])
+def test_fitted_key_norm(mode):
+    """qjl_key_scale: the same sign bits, another stored norm; match keeps ||k_hat_in|| = ||k_in||, lsq makes
+    k_hat_in the multiple of the decoded direction nearest k_in (so it is never farther than unbiased)."""
+    gen = torch.Generator().manual_seed(5)
+    B, H, D, R, o = 1, 2, 64, 32, 4
+    k = torch.randn(B, H, 64, D, generator=gen) + torch.randn(D, generator=gen)
+    out = {}
+    for ks in ("unbiased", mode):
+        consts = [ref.sketch(D, 128, 0, 0), torch.zeros(0, D)]
+        params = [o, 2, 32, R, 1, 0] + ([ref.QJL_KEY_SCALES[ks]] if ks != "unbiased" else [])
+        bufs = QJL.compress(k, torch.randn_like(k), consts, params, side_dtype=torch.float32)
+        kin = torch.where(ref.outlier_mask(bufs[4], D, 64), 0.0, k - bufs[8].repeat_interleave(R, -2))
+        kh = QJL.keys(bufs, consts, params) - bufs[8].repeat_interleave(R, -2)
+        kh_in = torch.where(ref.outlier_mask(bufs[4], D, 64), 0.0, kh)
+        q = torch.randn(B, H, 3, D, generator=gen)
+        torch.testing.assert_close(QJL.scores(q, bufs, consts, params), q @ QJL.keys(bufs, consts, params).transpose(-1, -2),
+                                   atol=1e-3, rtol=1e-4)
+        out[ks] = (kin, kh_in, bufs[0])
+    assert torch.equal(out["unbiased"][2], out[mode][2])                      # the same sign bits
+    kin, kh, _ = out[mode]
+    if mode == "match":
+        torch.testing.assert_close(kh.norm(dim=-1), kin.norm(dim=-1), rtol=1e-4, atol=1e-4)
+    else:
+        assert ((kh - kin).pow(2).sum(-1) <= (out["unbiased"][1] - kin).pow(2).sum(-1) + 1e-4).all()
+    with pytest.raises(ValueError, match="qjl_key_scale"):
+        QJLConfig(qjl_key_scale="ls")
+
+
+def test_fused_kernels_refuse_fitted_key_norms():
+    from transformers import LlamaConfig
+
+    from qjl_compile import QJLCache
+    from qjl_compile.kernels.cuda import qjl as cq
+
+    st, consts, meta = make(1, 1, 64, 256, 128, 2, False)
+    meta = meta[:6] + [128, 0, 0, 1]                     # [.., center, exact, value_rotation, key_scale]
+    assert "qjl_key_scale" in cq.unsupported(torch.zeros(1, 1, 1, 64), st, consts, meta)
+    with pytest.raises(NotImplementedError, match="qjl_key_scale"):
+        checks.check_qjl(st, consts, meta, "t")
+    mc = LlamaConfig(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2,
+                     intermediate_size=64, vocab_size=64, max_position_embeddings=1024)
+    cfg = QJLConfig.preset("m512-center-o4", head_dim=64, num_layers=2).replace(qjl_key_scale="match")
+    assert QJLCache(mc, 1024, cfg, batch_size=1, device="cpu", dtype=torch.float16).layers[0].meta[3:] == \
+        [4, 2, 32, 128, 0, 0, 1]
+    with pytest.raises(ValueError, match="reference \\(CPU\\) append only"):
+        QJLCache(mc, 1024, cfg, batch_size=1, device="meta", dtype=torch.float16)
