@@ -124,6 +124,13 @@ def test_issue17_presets_bits_counted_within_targets():
         assert abs(mem["k_bits"] - (sum(kb) / 30 + 16 / 64 + 16 / 128)) < 1e-9
         assert abs(mem["v_bits"] - (sum(vb) / 30 + 16 / 64)) < 1e-9
         assert mem["codec_bits"] <= 3.5
+    # QJL with exact outlier channels, rotation-coded values: keys m/D + 16/D (norm) + o 16/D (channels)
+    # + o 8/32/D (their indices per 32-token group) + 16/R, values b + 16/D
+    cfg = QJLConfig.for_model(mc, "m480-center-o6x-v3rot-match")
+    assert (cfg.sketch_dim, cfg.outliers, cfg.sketch_dims(0)[1], cfg.value_bits) == (240, 6, 0, 3)
+    mem = _mem(cfg, mc)
+    assert abs(mem["k_bits"] - (240 / 64 + 16 / 64 + 6 * 16 / 64 + 6 * 8 / 32 / 64 + 16 / 128)) < 1e-9
+    assert abs(mem["v_bits"] - (3 + 16 / 64)) < 1e-9 and mem["codec_bits"] <= 4.5
     cfg = QJLConfig.for_model(mc, "m480-center-v4")
     assert (cfg.sketch_dim, cfg.outliers, cfg.outlier_sketch_dim) == (240, 0, 0)
     mem = _mem(cfg, mc)
