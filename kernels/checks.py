@@ -62,23 +62,27 @@ def qjl_center(meta) -> bool:
     return len(meta) > 6 and int(meta[6]) != 0
 
 
+def qjl_key_fit(meta) -> int:
+    """QJLConfig.qjl_key_scale of a QJL meta (10th entry): 0 unbiased, 1 match, 2 lsq (only append reads it)."""
+    return int(meta[9]) if len(meta) > 9 else 0
+
+
 def check_qjl(state, consts, meta, what):
     """Shared checks of a QJL layer state; returns (B, H, R, D, L, m, mo, o, vb, vg, LC)."""
     if int(meta[0]) != 0:
         raise NotImplementedError(f"{what}: this is the QJL (codec 0) kernel, got codec {meta[0]} "
                                   "(kernels/triton KERNELS dispatches by codec)")
-    if len(meta) > 9 and int(meta[9]):
-        raise NotImplementedError(f"{what}: a fitted key norm (QJLConfig.qjl_key_scale) is computed by the reference "
-                                  "(CPU) append only; the fused append stores the unbiased norm")
     if len(meta) > 8 and int(meta[8]):
         raise NotImplementedError(f"{what}: rotation-coded values (QJLConfig.qjl_value_codec='rotation') are "
                                   "implemented in the reference (CPU) codec only; the fused kernels decode min/max values")
     if len(meta) > 7 and int(meta[7]):
         raise NotImplementedError(f"{what}: exact outlier channels (QJLConfig.qjl_exact_outliers) are implemented in "
                                   "the reference (CPU) codec only; the fused kernels sketch the outlier channels")
-    if len(meta) not in (6, 7) or (len(meta) == 7 and int(meta[6]) not in (0, int(meta[1]))):
-        raise ValueError(f"{what}: QJL meta must be [0, R, L, o, value_bits, value_group] or the same + [center] "
-                         f"(center = 0 or R: key centering, QJLConfig.qjl_center), got {list(meta)}")
+    if not 6 <= len(meta) <= 10 or (len(meta) > 6 and int(meta[6]) not in (0, int(meta[1]))) or (
+            len(meta) > 9 and int(meta[9]) not in (0, 1, 2)):
+        raise ValueError(f"{what}: QJL meta must be [0, R, L, o, value_bits, value_group] or the same + [center(, "
+                         f"exact, value_rotation, key_scale)] (center = 0 or R: QJLConfig.qjl_center; key_scale 0-2: "
+                         f"QJLConfig.qjl_key_scale), got {list(meta)}")
     center = qjl_center(meta)
     if len(state) != 11 + center or len(consts) != 2:
         raise ValueError(f"{what}: QJL state has {11 + center} tensors and consts 2, got {len(state)} and {len(consts)}")

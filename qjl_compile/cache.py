@@ -187,10 +187,6 @@ class QJLLayer(CacheLayerMixin):
             raise ValueError(f"QJLCache layer {self.layer_idx} got keys with {H} key/value heads, but the cache was "
                              f"built for {self.kv_heads}: a cache made for another model? {_BUILD_FIX}"
                              f"{_tp_hint(H, self.kv_heads)}")
-        if self.device.type != "cpu" and self.cfg.method == "qjl" and self.cfg.qjl_key_scale != "unbiased":
-            raise ValueError(f"QJLConfig(qjl_key_scale={self.cfg.qjl_key_scale!r}) is implemented in the reference "
-                             "(CPU) append only: the Triton append stores the unbiased norm. Use it on the CPU "
-                             "(accuracy studies), or qjl_key_scale='unbiased' on the GPU.")
         if self.device.type != "cpu" and self.cfg.method == "qjl" and self.cfg.qjl_value_codec == "rotation":
             raise ValueError("QJLConfig(qjl_value_codec='rotation') is implemented in the reference (CPU) codec only: "
                              "the Triton / CUDA C++ QJL kernels decode min/max values. Use it on the CPU (accuracy "

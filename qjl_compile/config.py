@@ -86,7 +86,8 @@ class QJLConfig:
         QJL codec: the norm stored with each key's sign bits. "unbiased": ||k|| (the paper's
         estimator, E[score] = q . k); "match": chosen so the decoded key has the key's norm; "lsq":
         the multiple of the decoded direction nearest the key (kernels/reference.py `qjl_key_scale`).
-        The same buffers and scores; only append computes it, in the reference (CPU) for now.
+        The same buffers and scores, so every attend kernel runs it unchanged; the reference and the
+        Triton append compute it (one more (32 x m) x (m x D) product per 32 tokens).
     qjl_layer_sketch_dims : tuple of int
         QJL codec: per-layer key sketch rows (one entry per layer, multiples of 8) overriding
         ``sketch_dim`` / ``sketch_dim_initial``; () = off. A fixed schedule from per-layer sensitivity on
@@ -384,6 +385,11 @@ PRESETS: dict[str, dict] = {
     "reference-center": dict(method="qjl", sketch_dim=256, sketch_dim_initial=512, initial_layers=15,
                              outliers=8, outlier_sketch_dim=128, outlier_sketch_dim_initial=256,
                              value_bits=2, value_group=32, residual=128, qjl_center=True),
+    # issue 17 round 7: the reference with the key norm fitted to the decoded direction (the same bits and
+    # buffers; the Triton append computes it and every attend kernel reads it unchanged: runs on the GPU)
+    "reference-match": dict(method="qjl", sketch_dim=256, sketch_dim_initial=512, initial_layers=15,
+                            outliers=8, outlier_sketch_dim=128, outlier_sketch_dim_initial=256,
+                            value_bits=2, value_group=32, residual=128, qjl_key_scale="match"),
     "high-center": dict(method="qjl", sketch_dim=512, sketch_dim_initial=1024, initial_layers=15,
                         outliers=8, outlier_sketch_dim=256, outlier_sketch_dim_initial=256,
                         value_bits=4, value_group=32, residual=128, qjl_center=True),

@@ -117,8 +117,6 @@ class _Args(ctypes.Structure):
 
 def unsupported(q, state, consts, meta) -> str:
     """Why `qjl_attend_cuda` cannot take this call ("" if it can). Shapes/dtypes only."""
-    if len(meta) > 9 and int(meta[9]):
-        return "a fitted key norm (QJLConfig.qjl_key_scale) is not produced by the fused append (reference only)"
     if len(meta) > 8 and int(meta[8]):
         return "rotation-coded values (QJLConfig.qjl_value_codec='rotation') are not implemented in the CUDA C++ kernel"
     if len(meta) > 7 and int(meta[7]):
@@ -132,7 +130,7 @@ def unsupported(q, state, consts, meta) -> str:
         return "q is not on a CUDA device"
     if torch.cuda.get_device_capability(q.device) < (8, 0):
         return f"needs compute capability >= 8.0, got {torch.cuda.get_device_capability(q.device)}"
-    _, R, L, o, vb, vg = (int(x) for x in meta)
+    _, R, L, o, vb, vg = (int(x) for x in meta[:6])
     D = state[1].shape[-1]
     m, mo = consts[0].shape[0], consts[1].shape[0]
     G = q.shape[1] // state[1].shape[1]

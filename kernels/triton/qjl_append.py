@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import reference as ref
+from ..checks import qjl_key_fit
 from .qjl_attend import _TL, _interpret, _p2, check_device, check_qjl, qjl_center, sketch_t
 
 _SIDE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -46,9 +48,11 @@ def _pack_signs(x, PB: tl.constexpr):
 
 @triton.jit
 def _sketch_signs(x, S_T, OUT, row_ptr, M: tl.constexpr, DP: tl.constexpr, D: tl.constexpr,
-                  MC: tl.constexpr, PREC: tl.constexpr):
-    """Store packed sign(x @ S^T) of 32 tokens, chunks of MC sketch rows. x: (32, DP) fp32."""
+                  MC: tl.constexpr, PREC: tl.constexpr, FIT: tl.constexpr = False):
+    """Store packed sign(x @ S^T) of 32 tokens, chunks of MC sketch rows. x: (32, DP) fp32.
+    FIT: returns u = sign(x S^T) S (32, DP), the decoded direction (a fitted key norm needs it)."""
     dd = tl.arange(0, DP)
+    u = x * 0.0
     for m0 in range(0, M, MC):            # a runtime loop: keeps one sketch chunk live at a time
         mm = m0 + tl.arange(0, MC)
         if (D == DP) and (M % MC == 0):
@@ -59,6 +63,9 @@ def _sketch_signs(x, S_T, OUT, row_ptr, M: tl.constexpr, DP: tl.constexpr, D: tl
         pk = _pack_signs(proj, MC // 8)
         pb = m0 // 8 + tl.arange(0, MC // 8)
         tl.store(OUT + row_ptr[:, None] * (M // 8) + pb[None, :], pk, mask=(pb < M // 8)[None, :])
+        if FIT:   # rows past M are zero in st, so their signs add nothing
+            u += tl.dot(tl.where(proj >= 0, 1.0, -1.0), tl.trans(st), input_precision=PREC)
+    return u
 
 
 @triton.jit
@@ -72,7 +79,7 @@ def _compress(
     R: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, MS: tl.constexpr, MO: tl.constexpr,
     NO: tl.constexpr, VB: tl.constexpr, VG: tl.constexpr, NGVP: tl.constexpr,
     MC: tl.constexpr, MOC: tl.constexpr, SIDE: tl.constexpr, PREC: tl.constexpr,
-    CENTER: tl.constexpr, RP: tl.constexpr,
+    CENTER: tl.constexpr, RP: tl.constexpr, FIT: tl.constexpr, CQ,
 ):
     gi = tl.program_id(0)
     bh = tl.program_id(1)
@@ -155,11 +162,22 @@ def _compress(
         else:
             k_out = k * 0.0
             k_in = k
-        tl.store(KNORM + row, tl.sqrt(tl.sum(k_in * k_in, 1)).to(SIDE))
-        _sketch_signs(k_in, S_T, KBITS, row, MS, DP, D, MC, PREC)
+        nin = tl.sqrt(tl.sum(k_in * k_in, 1))
+        u = _sketch_signs(k_in, S_T, KBITS, row, MS, DP, D, MC, PREC, FIT > 0)
+        if FIT > 0:   # QJLConfig.qjl_key_scale (reference.qjl_fit_norm): the decoded direction's own norm
+            if NO > 0:
+                u = tl.where(sel[None, :], 0.0, u)
+            u = u * CQ
+            uu = tl.maximum(tl.sum(u * u, 1), 1e-30)
+            if FIT == 1:
+                nfit = nin / tl.sqrt(uu)
+            else:
+                nfit = tl.sum(k_in * u, 1) / uu
+            nin = tl.where(nin > 0, nfit, 0.0)
+        tl.store(KNORM + row, nin.to(SIDE))
         if MO > 0:
             tl.store(KONORM + row, tl.sqrt(tl.sum(k_out * k_out, 1)).to(SIDE))
-            _sketch_signs(k_out, SO_T, KOBITS, row, MO, DP, D, MOC, PREC)
+            _sketch_signs(k_out, SO_T, KOBITS, row, MO, DP, D, MOC, PREC, False)
 
 
 @triton.jit
@@ -202,6 +220,7 @@ def qjl_append_(state, consts, k, v, meta):
     """
     B, H, R, D, L, m, mo, o, vb, vg, LC = check_qjl(state, consts, meta, "qjl_append_")
     center = qjl_center(meta)          # QJLConfig.qjl_center: state[11] holds the block means
+    fit = qjl_key_fit(meta)            # QJLConfig.qjl_key_scale: 0 unbiased, 1 match, 2 lsq
     check_device(k, v, state[0], state[1], consts[0], what="qjl_append_")
     rk, rv = state[1], state[2]
     if k.dim() != 4 or k.shape != v.shape or tuple(k.shape[:2]) != (B, H) or k.shape[3] != D:
@@ -230,7 +249,7 @@ def qjl_append_(state, consts, k, v, meta):
             R=R, D=D, DP=DP, MS=m, MO=mo, NO=o, VB=vb, VG=vg, NGVP=_p2(D // vg),
             MC=min(64, _p2(m)), MOC=min(64, _p2(max(mo, 16))), SIDE=_SIDE[side],
             PREC="ieee" if _interpret() else "tf32x3",     # tf32x3: ~fp32 accuracy on tensor cores
-            CENTER=bool(center), RP=_p2(R),
+            CENTER=bool(center), RP=_p2(R), FIT=fit, CQ=ref.qjl_const(m, D),
             num_warps=8,                                    # 4 warps spill (ptxas report, sm_90)
         )
     BS = 32

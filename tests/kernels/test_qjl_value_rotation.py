@@ -122,21 +122,34 @@ def test_fitted_key_norm(mode):
         QJLConfig(qjl_key_scale="ls")
 
 
-def test_fused_kernels_refuse_fitted_key_norms():
-    from transformers import LlamaConfig
+@pytest.mark.parametrize("mode", [1, 2])
+@pytest.mark.parametrize("o,mo,center", [(4, 16, False), (0, 0, False), (4, 16, True)])
+def test_triton_append_fits_the_key_norm(mode, o, mo, center):
+    """The Triton append stores the reference's fitted norm (same sign bits), which differs from the
+    unbiased one; the fused attend (uncentered QJL) reads it like any norm."""
+    from qjl_compile.kernels.triton.qjl_append import qjl_append_
+    from qjl_compile.kernels.triton.qjl_attend import qjl_attend
 
-    from qjl_compile import QJLCache
-    from qjl_compile.kernels.cuda import qjl as cq
-
-    st, consts, meta = make(1, 1, 64, 256, 128, 2, False)
-    meta = meta[:6] + [128, 0, 0, 1]                     # [.., center, exact, value_rotation, key_scale]
-    assert "qjl_key_scale" in cq.unsupported(torch.zeros(1, 1, 1, 64), st, consts, meta)
-    with pytest.raises(NotImplementedError, match="qjl_key_scale"):
-        checks.check_qjl(st, consts, meta, "t")
-    mc = LlamaConfig(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2,
-                     intermediate_size=64, vocab_size=64, max_position_embeddings=1024)
-    cfg = QJLConfig.preset("m512-center-o4", head_dim=64, num_layers=2).replace(qjl_key_scale="match")
-    assert QJLCache(mc, 1024, cfg, batch_size=1, device="cpu", dtype=torch.float16).layers[0].meta[3:] == \
-        [4, 2, 32, 128, 0, 0, 1]
-    with pytest.raises(ValueError, match="reference \\(CPU\\) append only"):
-        QJLCache(mc, 1024, cfg, batch_size=1, device="meta", dtype=torch.float16)
+    gen = torch.Generator().manual_seed(10 * mode + o)
+    B, H, D, R, L = 1, 2, 32, 32, 160
+    consts = [ref.sketch(D, 48, 0, 0), ref.sketch(D, mo, 0, 1) if mo else torch.zeros(0, D)]
+    metas = {f: [0, R, L, o, 2, 16, R if center else 0, 0, 0, f] for f in (0, mode)}
+    st = {w: ref.make_state(QJL, B, H, L, D, R, consts, metas[0][3:], torch.float32, torch.float16, "cpu")
+          for w in ("ref", "triton", "unbiased")}
+    for T in (40, 1, 30):
+        k = torch.randn(B, H, T, D, generator=gen) + 0.5
+        v = torch.randn(B, H, T, D, generator=gen)
+        ref.append_(st["ref"], consts, k, v, metas[mode])
+        qjl_append_(st["triton"], consts, k, v, metas[mode])
+        ref.append_(st["unbiased"], consts, k, v, metas[0])
+    n = int(st["ref"][0]) // R * R
+    assert torch.equal(st["triton"][3][:, :, :n], st["ref"][3][:, :, :n]), "sign bits"
+    fit, unb = st["ref"][4][:, :, :n].float(), st["unbiased"][4][:, :, :n].float()
+    torch.testing.assert_close(st["triton"][4][:, :, :n].float(), fit, rtol=3e-3, atol=1e-4)
+    assert ((fit - unb).abs() > 1e-2 * unb).float().mean() > 0.9, "the fitted norm should differ from ||k_in||"
+    if not center:   # the fused attend takes uncentered QJL
+        q = torch.randn(B, 2 * H, 1, D, generator=gen)
+        k1, v1 = torch.randn(B, H, 1, D, generator=gen), torch.randn(B, H, 1, D, generator=gen)
+        want = ref.attend(q, st["ref"], consts, k1, v1, None, True, None, metas[mode])
+        torch.testing.assert_close(qjl_attend(q, st["ref"], consts, k1, v1, None, True, None, metas[mode]), want,
+                                   atol=2e-3, rtol=2e-3)

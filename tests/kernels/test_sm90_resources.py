@@ -41,6 +41,8 @@ for dt in (torch.float16, torch.float32):
             rec(f"rotation {name} {dt} D={D}", lambda: rotation_append_(st, consts, k, k, meta))
         st, consts, meta = Q.make(1, 2, D, 512, 128, 2 * D, D, 8, dtype=dt, dev="cpu")
         rec(f"qjl {dt} D={D}", lambda: qjl_append_(st, consts, k, k, meta))
+        if dt == torch.float16:   # the fitted key norm (QJLConfig.qjl_key_scale="match"): one more dot per chunk
+            rec(f"qjl fit {dt} D={D}", lambda: qjl_append_(st, consts, k, k, meta + [0, 0, 0, 1]))
         st, consts, meta = DQ.make(1, 2, D, 512, 128, 4, dtype=dt, dev="cpu")
         rec(f"decoquant {dt} D={D}", lambda: decoquant_append_(st, consts, k, k, meta))
 print(json.dumps({"rows": out}))
