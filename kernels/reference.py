@@ -334,7 +334,8 @@ def block_means(k, block, side_dtype=torch.float16):
 
 class QJLCodec(Codec):
     """QJL keys (1-bit sketch + outliers), min/max values. params = [o, value_bits, value_group]
-    or [o, value_bits, value_group, center(, exact(, value_rotation))]: value_rotation = 1 codes the
+    or [o, value_bits, value_group, center(, exact(, value_rotation(, key_scale)))] (key_scale:
+    `qjl_key_scale`, only compress reads it). value_rotation = 1 codes the
     values with a random rotation and a Lloyd-Max codebook instead (`qjl_value_rotation`, consts
     [S, S_out, Pi_v, codebook_v], one scale per token, no zero). center = R (the block size) subtracts each
     compressed block's mean key (per batch and kv head) before the outlier split and the sketch,
