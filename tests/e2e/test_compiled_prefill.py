@@ -91,8 +91,10 @@ def test_compiled_prefill_left_padded_batch_cpu(preset):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-# the exact-outlier presets are reference-only: a CUDA cache refuses them (test_qjl_exact_outliers.py)
-@pytest.mark.parametrize("preset", [p for p in QJLConfig.presets() if not QJLConfig.preset(p).qjl_exact_outliers])
+# exact outlier channels and rotation-coded QJL values are reference-only: a CUDA cache refuses them
+# (test_qjl_exact_outliers.py, test_qjl_value_rotation.py)
+@pytest.mark.parametrize("preset", [p for p in QJLConfig.presets() if not QJLConfig.preset(p).qjl_exact_outliers
+                                    and QJLConfig.preset(p).qjl_value_codec != "rotation"])
 def test_compiled_prefill_left_padded_batch_gpu(preset):
     check(preset, "cuda", torch.bfloat16, "inductor")
 
