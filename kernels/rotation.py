@@ -215,12 +215,51 @@ def codebook_mse(bits: int) -> float:
     return _lloyd_max(bits)[1]
 
 
-def rotation(d: int, seed: int, salt: int = 0) -> torch.Tensor:
-    """Haar-random orthogonal (d, d) fp32, deterministic in (seed, salt): QR of a Gaussian with the
-    sign fix (R's diagonal made positive).  Drawn from a generator separate from `reference.sketch`'s
-    (offset salt stream), so a layer's Pi and its QJL residual sketch are independent."""
+TRANSFORMS = ("haar", "hadamard")
+
+
+def rotation(d: int, seed: int, salt: int = 0, transform: str = "haar") -> torch.Tensor:
+    """Random orthogonal (d, d) fp32, deterministic in (seed, salt). "haar": Haar-random, QR of a
+    Gaussian with the sign fix (R's diagonal made positive). "hadamard": the randomized Hadamard
+    transform H diag(s) / sqrt(d) (Sylvester H, random signs s; d a power of two), which the CUDA C++
+    kernel applies by butterflies instead of reading a (d, d) matrix (`hadamard_signs`). Drawn from a
+    generator separate from `reference.sketch`'s (offset salt stream), so a layer's Pi and its QJL
+    residual sketch are independent."""
     g = torch.Generator(device="cpu").manual_seed(int(seed) * 1_000_003 + 500_009 + int(salt))
-    return ref.haar(d, g).to(torch.float32).contiguous()
+    if transform == "haar":
+        return ref.haar(d, g).to(torch.float32).contiguous()
+    if transform != "hadamard":
+        raise ValueError(f"rotation transform {transform!r}: one of {TRANSFORMS}")
+    if d < 2 or d & (d - 1):
+        raise ValueError(f"transform='hadamard' needs a power-of-two head_dim, got {d}; use 'haar'")
+    s = torch.randint(0, 2, (d,), generator=g, dtype=torch.float64) * 2 - 1
+    return (sylvester(d) * s[None, :] / math.sqrt(d)).to(torch.float32).contiguous()
+
+
+def sylvester(d: int) -> torch.Tensor:
+    """The Sylvester Hadamard matrix (d, d) fp64, H_ij = (-1)^popcount(i & j), d a power of two."""
+    i = torch.arange(d)
+    bits = (i[:, None] & i[None, :]).to(torch.int64)
+    par = torch.zeros_like(bits)
+    while bool(bits.any()):
+        par ^= bits & 1
+        bits >>= 1
+    return (1 - 2 * par).to(torch.float64)
+
+
+def hadamard_signs(Pi: torch.Tensor) -> torch.Tensor | None:
+    """s / sqrt(d) (d,) fp32 if Pi = H diag(s) / sqrt(d) (a `rotation(..., transform="hadamard")`), to
+    fp32 rounding, else None."""
+    d = Pi.shape[-1]
+    if Pi.dim() != 2 or Pi.shape[0] != d or d < 2 or d & (d - 1):
+        return None
+    m = Pi.detach().double().cpu() * math.sqrt(d)
+    s = m[0].sign()
+    if not bool((m[0].abs() - 1).abs().max() < 1e-5):
+        return None
+    if not bool((m - sylvester(d) * s[None, :]).abs().max() < 1e-5):
+        return None
+    return (s / math.sqrt(d)).to(torch.float32)
 
 
 GRID_HALF = 63.5          # u8 levels B - 63.5, B in [0, 127]: negation is B ^ 0x7F (rot_decode.cu, KI8)
@@ -278,16 +317,17 @@ def grid_step(cb: torch.Tensor) -> float | None:
 
 
 def make_consts(d: int, key_bits: int, value_bits: int, unbiased: bool, seed: int, salt: int = 0,
-                key_grid: bool = True):
+                key_grid: bool = True, transform: str = "haar"):
     """consts for one layer: [Pi, codebook_k, codebook_v, S] (S has m = d rows if unbiased, else 0).
     key_grid: 4-bit key codebooks on the int8 grid (`grid_codebook`), which the CUDA C++ kernel scores
-    on int8 MMAs; False keeps the exact Lloyd-Max centroids (the kernel then runs its fp16 path)."""
+    on int8 MMAs; False keeps the exact Lloyd-Max centroids (the kernel then runs its fp16 path).
+    transform: Pi's kind (`rotation`)."""
     kb = key_bits - int(bool(unbiased))
     S = ref.sketch(d, d, seed, 2 * salt + 1) if unbiased else torch.zeros(0, d)
     cbk = codebook(kb)
     if key_grid and kb == 4:
         cbk = grid_codebook(kb)
-    return [rotation(d, seed, salt), cbk, codebook(value_bits), S]
+    return [rotation(d, seed, salt, transform), cbk, codebook(value_bits), S]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -71,7 +71,11 @@ def _codec_setup(cfg: QJLConfig, layer_idx: int, d: int, device=None):
         from .kernels import rotation as rot
         kb, vb = cfg.rotation_bits(layer_idx)
         ub = int(cfg.rotation_unbiased)
-        consts = rot.make_consts(d, kb, vb, ub, cfg.seed, layer_idx, key_grid=cfg.rotation_key_grid)
+        if cfg.rotation_transform == "hadamard" and (d < 2 or d & (d - 1)):
+            raise ValueError(f"QJLConfig(rotation_transform='hadamard') needs a power-of-two head_dim, this model "
+                             f"has {d}; use rotation_transform='haar'")
+        consts = rot.make_consts(d, kb, vb, ub, cfg.seed, layer_idx, key_grid=cfg.rotation_key_grid,
+                                 transform=cfg.rotation_transform)
         from .config import ROTATION_CENTERS
         frag = _value_frag(cfg, d, kb, vb, device)
         params = [kb, vb, ub, rot.SCALE_MODES[cfg.rotation_scale], cfg.sink_tokens,

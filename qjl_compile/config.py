@@ -116,6 +116,12 @@ class QJLConfig:
         Rotation codec, 4-bit keys: the Lloyd-Max codebook moved onto a half-integer grid of 128 levels
         (kernels/rotation.py ``grid_codebook``, +0.44% quantization MSE) so the CUDA C++ kernel scores
         keys on int8 tensor-core MMAs. False: the exact centroids (that kernel then runs its fp16 path).
+    rotation_transform : {"haar", "hadamard"}
+        Rotation codec: the random rotation Pi. "haar": Haar-random orthogonal (a dense d x d matrix).
+        "hadamard": the randomized Hadamard transform H diag(s) / sqrt(d) (random signs s; head_dim a
+        power of two), which the CUDA C++ kernel applies to the query and the output by butterflies in
+        its split and combine kernels, so a decode call has no separate query-rotation launch and reads
+        no d x d matrix (issue 15: a fixed cost per call). The other kernels use Pi as a matrix either way.
     rotation_value_layout : {"auto", "mma", "rows"}
         Rotation codec: how the value codes of each 32-token group are laid out. "mma": in the order of
         the CUDA C++ kernel's value MMA fragments (kernels/rotation.py ``frag_pack``: the same bits, no
@@ -162,6 +168,7 @@ class QJLConfig:
     rotation_value_outliers: int = 0
     rotation_key_grid: bool = True
     rotation_value_layout: str = "auto"
+    rotation_transform: str = "haar"
     sink_tokens: int = 0
     seed: int = 42
     side_dtype: str = "float16"
@@ -218,6 +225,8 @@ class QJLConfig:
             bad("rotation_key_grid", "True or False")
         if self.rotation_value_layout not in ("auto", "mma", "rows"):
             bad("rotation_value_layout", "'auto', 'mma' or 'rows'")
+        if self.rotation_transform not in ("haar", "hadamard"):
+            bad("rotation_transform", "'haar' or 'hadamard'")
         if self.rotation_unbiased and min(self.rotation_key_bits, self.rotation_initial_bits or 4) < 2:
             bad("rotation_key_bits", "an integer in [2, 4] with rotation_unbiased=True (1 bit goes to the QJL residual)")
         if self.rotation_scale not in ROTATION_SCALES:

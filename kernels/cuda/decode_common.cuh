@@ -84,6 +84,28 @@ __device__ __forceinline__ void griddep_launch() {
 #endif
 }
 
+// The Sylvester Hadamard transform of a D-vector held by one warp, D / 32 consecutive entries a lane
+// (entry E lane + k in x[k]): in-lane butterflies for strides < E, shuffles for the others. y = H x,
+// H_ij = (-1)^popcount(i & j), unnormalized (the randomized Hadamard rotation, rot.py hadamard_signs)
+template <int D_>
+__device__ __forceinline__ void fwht_warp(float (&x)[D_ / 32], int lane) {
+    constexpr int E = D_ / 32;
+#pragma unroll
+    for (int st = 1; st < E; st <<= 1)
+#pragma unroll
+        for (int k = 0; k < E; ++k)
+            if (!(k & st)) { const float u = x[k], v = x[k + st]; x[k] = u + v; x[k + st] = u - v; }
+#pragma unroll
+    for (int st = E; st < D_; st <<= 1) {
+        const bool up = lane & (st / E);
+#pragma unroll
+        for (int k = 0; k < E; ++k) {
+            const float v = __shfl_xor_sync(0xffffffffu, x[k], st / E);
+            x[k] = up ? v - x[k] : x[k] + v;
+        }
+    }
+}
+
 // 2^x as one MUFU.EX2: exp2f adds a range fix-up around it (FSETP + 2 predicated FMULs, 3 of the split
 // loop's ~920 instructions per score group of 10); results below 2^-126 flush to 0, which a softmax
 // weight that small is anyway against the running max's 1
@@ -294,6 +316,9 @@ __device__ __forceinline__ void merge_warps(float* op, float* ls, float (*wo)[8]
 #ifndef NSINK
 #define NSINK 0                 // exact sink tokens (a.ksink / a.vsink, (B * H, NSINK, D) fp16), codecs that have them
 #endif
+#ifndef HAD
+#define HAD 0                   // 1 (rotation codec): Pi is a randomized Hadamard transform, pi holds its signs / sqrt(D)
+#endif
 #define CH_E 136                // exact tokens staged at a time (a ring of 128 + 8 new tokens in one)
 #define PREG 32                 // split partials held in registers (more: read in a loop at the end)
 template <class A>
@@ -337,7 +362,7 @@ __device__ __forceinline__ void combine_body(const A& a, u16* out, i64 sob, i64 
     __shared__ float wsp[EMAX];
     __shared__ float red[2][D / 32];
     __shared__ __align__(16) u16 vs[CH_E][D];
-    if constexpr (ROT) {    // pi (D x D fp32) into dynamic shared memory, in flight during the exact part
+    if constexpr (ROT && !HAD) {    // pi (D x D fp32) into dynamic shared memory, in flight during the exact part
         extern __shared__ __align__(16) u8 cdyn[];
         for (int i = d; i < D * D / 4; i += D) cp16(cdyn + 16 * i, pi + 4 * i);
         cp_commit();
@@ -433,15 +458,31 @@ __device__ __forceinline__ void combine_body(const A& a, u16* out, i64 sob, i64 
     }
     if constexpr (ROT) {
         __shared__ float rot[D];
+        rot[d] = accp;
+#if HAD
+        // Pi^T y = diag(s) H y / sqrt(D): warp 0 transforms, every thread takes its channel; pi holds s / sqrt(D)
+        const float sg = pi[d];
+        __syncthreads();
+        if (d < 32) {
+            float x[D / 32];
+#pragma unroll
+            for (int k = 0; k < D / 32; ++k) x[k] = rot[(D / 32) * d + k];
+            fwht_warp<D>(x, d);
+#pragma unroll
+            for (int k = 0; k < D / 32; ++k) rot[(D / 32) * d + k] = x[k];
+        }
+        __syncthreads();
+        acc += sg * rot[d];
+#else
         extern __shared__ __align__(16) u8 cdyn[];
         const float* pis = (const float*)cdyn;
-        rot[d] = accp;
         cp_wait<0>();
         __syncthreads();
         float u0 = 0.f, u1 = 0.f;
 #pragma unroll 8
         for (int e = 0; e < D; e += 2) { u0 += rot[e] * pis[e * D + d]; u1 += rot[e + 1] * pis[(e + 1) * D + d]; }
         acc += u0 + u1;
+#endif
         l += lpw;
     }
     out[b * sob + qh * soh + tq * sot + d] = f2q(l > 0.f ? acc / l : 0.f);

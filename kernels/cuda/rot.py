@@ -47,6 +47,8 @@ EARLY = False
 # the (B, 1, 1, L) fp32 mask 68.0 -> 65.9 us at 128k, 129.1 -> 123.4 at B=16 16k, 34.9 -> 33.1 at 32k (no mask: 64.9)
 STAGE_MASK = True
 TIMELINE = False         # benchmarks/timeline.py: build with TL=1 (per-event %globaltimer stamps, decode_common.cuh)
+HADAMARD = True          # Pi a randomized Hadamard transform (QJLConfig.rotation_transform): Pi q by butterflies in
+                         # the split, Pi^T o' in the combine (rot_decode.cu HAD), no rot_prep launch, no Pi read
 FUSE_Q = False           # Pi q in every split CTA on the tensor cores: slower than rot_prep under PDL (H200, attend-fq.json:
                          # k4v3-match 24.5 / 37.5 / 80.7 / 151.8 us against 23.2 / 36.0 / 79.8 / 149.5 at 4k / 32k / 128k / B=16 16k)
 _DERIVED: dict = {}
@@ -122,10 +124,11 @@ def pi_fragments(Pi: torch.Tensor) -> torch.Tensor:
 
 
 def derived(consts):
-    """(Pi fp32 contiguous, `pi_fragments` int32, lut int32 (15,), key grid step s or None) of a layer's
-    consts, cached per Pi/codebook storage (the second element is the reason instead, when the kernel
-    cannot take it; s None: the int8 key path cannot, the fp16 one runs). `prepare` fills it when a
-    layer is allocated, outside any CUDA-graph capture."""
+    """(Pi fp32 contiguous, `pi_fragments` int32, lut int32 (15,), key grid step s or None, Hadamard
+    signs s / sqrt(D) fp32 (D,) or None) of a layer's consts, cached per Pi/codebook storage (the second
+    element is the reason instead, when the kernel cannot take it; s None: the int8 key path cannot, the
+    fp16 one runs; signs None: Pi is not a randomized Hadamard transform, `rotation.hadamard_signs`).
+    `prepare` fills it when a layer is allocated, outside any CUDA-graph capture."""
     Pi, cbk, cbv = consts[0], consts[1], consts[2]
     key = (Pi.data_ptr(), cbk.data_ptr(), cbv.data_ptr(), Pi.device)
     hit = _DERIVED.get(key)
@@ -134,7 +137,7 @@ def derived(consts):
     late_constants(Pi.device)
     wk, wv = lut_words(cbk), lut_words(cbv)
     if isinstance(wk, str) or isinstance(wv, str):
-        val = (None, wk if isinstance(wk, str) else wv, None, None)
+        val = (None, wk if isinstance(wk, str) else wv, None, None, None)
     else:
         w8 = int8_words(cbk)
         step = None if isinstance(w8, str) else w8[1]
@@ -143,8 +146,10 @@ def derived(consts):
         words = wk + wv + ([0, 0] if step is None else w8[0]) + [0x80808080, 1 << 30, 1 << 31, 512, 2]
         words = [w - (1 << 32) if w >= 1 << 31 else w for w in words]
         pf = Pi.detach().float()
+        sg = rot.hadamard_signs(pf)
         val = (pf.contiguous(), pi_fragments(pf).to(Pi.device),
-               torch.tensor(words, dtype=torch.int32, device=Pi.device), step)
+               torch.tensor(words, dtype=torch.int32, device=Pi.device), step,
+               None if sg is None else sg.to(Pi.device))
     _DERIVED[key] = ((Pi, cbk, cbv), val)
     return val
 
@@ -255,7 +260,7 @@ def _config(B, H, LC):
 
 def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, scale=None, meta=None,
                          nsplit=None, num_warps=None, min_blocks=None, stages=None, fma_shifts=None, fuse_q=None,
-                         key_int8=None, pdl=None, pipe=None, early=None, stage_mask=None):
+                         key_int8=None, pdl=None, pipe=None, early=None, stage_mask=None, hadamard=None):
     """Fused rotation-codec decode attention, CUDA C++ (semantics of kernels.reference.attend).
 
     Parameters
@@ -292,6 +297,10 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
     early : bool, optional
         Key-centered layers: the split stages its block means into shared memory before it waits for
         ``rot_prep`` (same bits); default EARLY.
+    hadamard : bool, optional
+        Where Pi is a randomized Hadamard transform (``QJLConfig(rotation_transform="hadamard")``): the
+        split computes Pi q by butterflies (no ``rot_prep`` launch) and the combine rotates back the same
+        way (no Pi staging); default HADAMARD wherever Pi allows it (True with a dense Pi: Unsupported).
     stage_mask : bool, optional
         A per-position mask (HF's (B, 1, 1, L) decode mask) copied with each cache group by cp.async
         instead of loaded in the loop, where `mask_stageable` allows it (True with a mask it does not: Unsupported);
@@ -367,9 +376,18 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
                    MINB=int(min_blocks or minb), STAGES=nst, NSINK=ns_,
                    FMAOFF=int(FMA_SHIFTS if fma_shifts is None else bool(fma_shifts)),
                    VFRAG=int(vfrag), PIPE=int(pp))
-    fq = FUSE_Q if fuse_q is None else bool(fuse_q)
+    pi, pif, lut, kstep, hsg = derived(consts)
+    had = hsg is not None and (HADAMARD if hadamard is None else bool(hadamard))
+    if hadamard and hsg is None:
+        raise Unsupported("hadamard=True needs Pi = H diag(s) / sqrt(D) (QJLConfig(rotation_transform='hadamard'))")
+    if had and fuse_q is False:
+        raise Unsupported("fuse_q=False with a Hadamard Pi: the split computes Pi q itself; pass hadamard=False "
+                          "for rot_prep")
+    fq = had or (FUSE_Q if fuse_q is None else bool(fuse_q))
     defines["FUSEQ"] = int(fq)
-    pi, pif, lut, kstep = derived(consts)
+    defines["HAD"] = int(had)
+    if had:
+        pi = hsg                                          # the kernels read s / sqrt(D) where Pi was
     ki8 = kstep is not None if key_int8 is None else bool(key_int8)
     if ki8 and kstep is None:
         raise Unsupported(f"key_int8=True: {int8_words(consts[1])}")
@@ -418,7 +436,9 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
     dep = pdl_supported(dev.index if dev.index is not None else torch.cuda.current_device()) if pdl is None else bool(pdl)
     allow_dynamic_smem(fns["rot_split"], dyn)
     launch(fns["rot_split"], (BH, ns), (nw * 32,), [a], stream, shared=dyn, pdl=dep and not fq)  # fq: first kernel
-    allow_dynamic_smem(fns["rot_combine"], D * D * 4)       # pi, staged in shared memory
+    csm = 0 if had else D * D * 4                         # pi, staged in shared memory (HAD: butterflies)
+    if csm:
+        allow_dynamic_smem(fns["rot_combine"], csm)
     launch(fns["rot_combine"], (BH, M), (D,), [a, P(out.data_ptr()), *(I64(s) for s in out.stride()[:3])], stream,
-           shared=D * D * 4, pdl=dep)
+           shared=csm, pdl=dep)
     return out

@@ -49,6 +49,9 @@
 #ifndef FUSEQ
 #define FUSEQ 0                 // 1: Pi q computed by each split CTA on the tensor cores, no rot_prep launch
 #endif
+#if HAD && !FUSEQ
+#error "HAD computes Pi q in the split (FUSEQ)"
+#endif
 #ifndef KI8
 #define KI8 0                   // 1: keys on int8 MMAs (grid codebook, lut_i8)
 #endif
@@ -291,6 +294,41 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
     __shared__ float qsc[8];                        // 2^e per row
     __shared__ float qsg[8];                        // KI8: sigma per row
     __shared__ __align__(16) signed char qis[16][D];   // KI8: digits of Q, hi rows 0-7, lo rows 8-15
+#if HAD
+    {   // Pi q = H (s q) / sqrt(D) (a.pi: s / sqrt(D)): a warp per query row by butterflies (fwht_warp),
+        // no matrix read and no round trip through shared memory; lane holds channels E lane .. + E - 1
+        constexpr int E = D / 32;
+        float sg[E];
+#pragma unroll
+        for (int k = 0; k < E; ++k) sg[k] = a.pi[E * lane + k];
+        for (int r = warp; r < 8; r += NW) {
+            float x[E];
+            const u16* qp = a.q + b * a.sqb + (h * a.G + r / a.Tq) * a.sqh + (r % a.Tq) * a.sqt + E * lane;
+#pragma unroll
+            for (int k = 0; k < E; ++k) x[k] = r < a.M ? q2f(qp[k]) * sg[k] : 0.f;
+            fwht_warp<D>(x, lane);
+            float ss = 0.f;
+#pragma unroll
+            for (int k = 0; k < E; ++k) ss += x[k] * x[k];
+#pragma unroll
+            for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+            // |(Pi q)_e| <= |Pi q|: scaled so the largest possible entry is below 2^14 (fp16 max 65504)
+            const float sc = ss > 0.f ? exp2f(ceilf(0.5f * log2f(ss)) - 13.f) : 1.f;
+            const float sig = ss > 0.f ? sqrtf(ss) * (1.f / 32000.f) : 0.f;
+            if (lane == 0) { qsc[r] = sc; qsg[r] = sig; }
+#pragma unroll
+            for (int k = 0; k < E; ++k) {
+                qs[r][E * lane + k] = f2h(x[k] / sc);
+#if KI8
+                const int Q = sig > 0.f ? __float2int_rn(x[k] / sig) : 0;
+                const int hd = (Q + 128) >> 8;
+                qis[r][E * lane + k] = (signed char)hd;
+                qis[8 + r][E * lane + k] = (signed char)(Q - 256 * hd);
+#endif
+            }
+        }
+    }
+#else
     {   // Pi q on the tensor cores, as rot_prep computes it: y^T (D x 8 rows) = Pi (D x D) (q / 2^e)^T with
         // Pi as 16 Pi = hi + lo in fp16 (A fragments prepared once per layer, rot.py pi_fragments) and q in
         // fp16 (exact from bf16 once scaled by 2^-e): products exact, fp32 sums, ~2^-22 of |q| all told
@@ -346,6 +384,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
             }
         }
     }
+#endif
     const signed char* qib = &qis[0][0];
     const float* qsgb = qsg;
 #else

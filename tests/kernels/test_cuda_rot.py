@@ -396,7 +396,14 @@ CONFIGS = [dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=1, MK=4, CAUSAL=0, CAUSAL_C
            dict(D=128, KB=4, VB=3, RR=128, NW=8, QDT=1, MK=4, CAUSAL=0, CAUSAL_C=0, CK=1, BLK=128, MINB=2, STAGES=2,
                 NSINK=4, FMAOFF=1, FUSEQ=1, KI8=1, PK=1),
            dict(D=128, KB=4, VB=3, RR=128, NW=4, QDT=1, MK=0, CAUSAL=1, CAUSAL_C=0, CK=1, BLK=128, MINB=3, STAGES=2,
-                NSINK=4, FMAOFF=1, FUSEQ=1, KI8=1, PK=0)]
+                NSINK=4, FMAOFF=1, FUSEQ=1, KI8=1, PK=0),
+           # a randomized Hadamard Pi (HAD): Pi q by butterflies in the split, the combine without Pi
+           dict(D=128, KB=4, VB=3, RR=128, NW=8, QDT=1, MK=4, CAUSAL=0, CAUSAL_C=0, CK=1, BLK=128, MINB=2, STAGES=2,
+                NSINK=4, FMAOFF=1, FUSEQ=1, HAD=1, KI8=1, PK=1, VFRAG=1, MKS=1),
+           dict(D=128, KB=4, VB=3, RR=128, NW=4, QDT=1, MK=0, CAUSAL=1, CAUSAL_C=0, CK=1, BLK=128, MINB=3, STAGES=2,
+                NSINK=4, FMAOFF=1, FUSEQ=1, HAD=1, KI8=1, PK=0, VFRAG=1),
+           dict(D=64, KB=4, VB=4, RR=64, NW=4, QDT=0, MK=2, CAUSAL=0, CAUSAL_C=0, CK=0, BLK=64, MINB=3, STAGES=2,
+                FMAOFF=1, FUSEQ=1, HAD=1, KI8=0, PK=0)]
 
 
 def _assert_pdl(path, k, split_waits=True):
@@ -412,7 +419,7 @@ def _assert_pdl(path, k, split_waits=True):
 @nvrtc_ok
 @pytest.mark.parametrize("defines", CONFIGS,
                          ids=lambda d: f"D{d['D']}v{d['VB']}mk{d['MK']}ck{d['CK']}q{d['QDT']}s{d.get('NSINK', 0)}nw{d['NW']}"
-                                       f"i{d.get('KI8', 0)}{d.get('PK', 0)}f{d.get('FUSEQ', 0)}v{d.get('VFRAG', 0)}p{d.get('PIPE', 0)}e{d.get('EARLY', 0)}m{d.get('MKS', 0)}")
+                                       f"i{d.get('KI8', 0)}{d.get('PK', 0)}f{d.get('FUSEQ', 0)}h{d.get('HAD', 0)}v{d.get('VFRAG', 0)}p{d.get('PIPE', 0)}e{d.get('EARLY', 0)}m{d.get('MKS', 0)}")
 def test_compiles_for_sm90(defines, tmp_path):
     from qjl_compile.kernels.cuda import compile_source
     path = tmp_path / "k.cubin"
@@ -448,10 +455,10 @@ def test_stage_bytes_match_the_kernel_layout(D, kb, vb, mke):
 # ---------------------------------------------------------------------------------------------
 # GPU: kernel vs reference
 # ---------------------------------------------------------------------------------------------
-def _state(B, H, L, D, R, center, n, dtype, seed, vb=4, sink=0, key_grid=True):
+def _state(B, H, L, D, R, center, n, dtype, seed, vb=4, sink=0, key_grid=True, transform="haar"):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     params = [4, vb, 0, 1, sink, center, R]
-    consts = [c.cuda() for c in rot.make_consts(D, 4, vb, 0, seed, 0, key_grid=key_grid)]
+    consts = [c.cuda() for c in rot.make_consts(D, 4, vb, 0, seed, 0, key_grid=key_grid, transform=transform)]
     meta = [2, R, L, *params]
     st = ref.make_state(ref.CODECS[2], B, H, L, D, R, consts, params, dtype, torch.float16, "cuda")
     scale = torch.linspace(0.3, 2.5, D, device="cuda")
@@ -521,6 +528,71 @@ def test_cuda_attend_matches_reference(case, mask):
     assert torch.isfinite(out).all()
     rel = ((out.float() - want.float()).norm() / want.float().norm()).item()
     assert rel < (1e-2 if dtype == torch.bfloat16 else 4e-3), rel
+
+
+HAD_GRID = [GRID[i] for i in (0, 2, 3, 4, 5, 9, 14, 15, 16, 19)]
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("case", HAD_GRID, ids=lambda c: f"B{c[0]}H{c[1]}G{c[2]}Tq{c[3]}D{c[4]}R{c[5]}c{c[6]}n{c[7]}"
+                                                       + (f"v{c[10]}s{c[11]}" if len(c) > 10 else ""))
+@pytest.mark.parametrize("mask", ["none", "float_pos", "bool_row"])
+def test_cuda_attend_hadamard_matches_reference(case, mask):
+    # a randomized Hadamard Pi (HAD): Pi q by butterflies in the split, Pi^T in the combine, no rot_prep
+    B, H, G, Tq, D, R, center, n, L, dtype = case[:10]
+    vb, sink = case[10:] if len(case) > 10 else (4, 0)
+    st, consts, meta, gen = _state(B, H, L, D, R, center, n - Tq, dtype, seed=n + G + 5, vb=vb, sink=sink,
+                                   transform="hadamard")
+    assert cr.derived(consts)[4] is not None
+    kn = torch.randn(B, H, Tq, D, generator=gen, device="cuda").to(dtype)
+    vn = torch.randn(B, H, Tq, D, generator=gen, device="cuda").to(dtype)
+    ref.append_(st, consts, kn, vn, meta)
+    q = (torch.randn(B, H * G, Tq, D, generator=gen, device="cuda") * 2).to(dtype)
+    am, causal = None, mask == "none"
+    if mask != "none":
+        pos = torch.arange(L, device="cuda")
+        keep = (pos < n) & (torch.rand(B, 1, 1, L, generator=gen, device="cuda") > 0.1)
+        if mask == "bool_row":
+            keep = keep & (torch.rand(B, H * G, Tq, L, generator=gen, device="cuda") > 0.2)
+        keep[..., n - 1] = True
+        am = keep if mask.startswith("bool") else torch.where(keep, 0.0, float("-inf")).to(dtype)
+    want = ref.attend(q, st, consts, kn, vn, am, causal, None, meta)
+    tol = 1e-2 if dtype == torch.bfloat16 else 4e-3
+    for kw in (dict(), dict(hadamard=False)):            # butterflies, and the dense path on the same Pi
+        out = cr.rotation_attend_cuda(q, st, consts, kn, vn, am, causal, None, meta, **kw)
+        assert out.shape == q.shape and out.dtype == q.dtype and torch.isfinite(out).all()
+        rel = ((out.float() - want.float()).norm() / want.float().norm()).item()
+        assert rel < tol, (kw, rel)
+
+
+@gpu
+@needs_gpu
+def test_hadamard_refused_for_a_dense_pi():
+    st, consts, meta, gen = _state(1, 2, 1024, 128, 128, 1, 999, torch.bfloat16, seed=3)
+    assert cr.derived(consts)[4] is None
+    q = torch.randn(1, 8, 1, 128, generator=gen, device="cuda").to(torch.bfloat16)
+    kn = torch.randn(1, 2, 1, 128, generator=gen, device="cuda").to(torch.bfloat16)
+    ref.append_(st, consts, kn, kn, meta)
+    with pytest.raises(Unsupported, match="hadamard=True"):
+        cr.rotation_attend_cuda(q, st, consts, kn, kn, None, True, None, meta, hadamard=True)
+
+
+def test_hadamard_rotation_is_detected():
+    # rotation(transform="hadamard") is orthogonal, H diag(s) / sqrt(d); the kernel's detector finds its
+    # signs, and no Haar matrix (nor a Hadamard with a row sign flipped) passes for one
+    for d in (64, 128):
+        P = rot.rotation(d, 7, 3, "hadamard")
+        assert torch.allclose(P @ P.T, torch.eye(d), atol=1e-5)
+        sg = rot.hadamard_signs(P)
+        assert sg is not None and torch.allclose(P, rot.sylvester(d).float() * sg[None, :])
+        assert rot.hadamard_signs(rot.rotation(d, 7, 3)) is None
+        Q = P.clone()
+        Q[5] *= -1
+        assert rot.hadamard_signs(Q) is None
+        assert not torch.equal(P, rot.rotation(d, 7, 4, "hadamard"))      # a layer's own signs
+    with pytest.raises(ValueError, match="power-of-two"):
+        rot.rotation(96, 0, 0, "hadamard")
 
 
 def test_mask_staging_rule():

@@ -385,11 +385,27 @@ def test_config_fields_and_presets():
                       (dict(rotation_scale="x"), "rotation_scale"), (dict(sink_tokens=-1), "sink_tokens"),
                       (dict(sink_tokens=200), "sink_tokens"),
                       (dict(rotation_unbiased=True, rotation_key_bits=1), "rotation_key_bits"),
-                      (dict(rotation_unbiased=1), "rotation_unbiased")]:
+                      (dict(rotation_unbiased=1), "rotation_unbiased"),
+                      (dict(rotation_transform="dct"), "rotation_transform")]:
         with pytest.raises(ValueError, match=field):
             QJLConfig(method="rotation", **kw)
     with pytest.raises(ValueError, match="sink_tokens"):
         QJLConfig(method="qjl", sink_tokens=4)
+
+
+def test_hadamard_transform_setup():
+    # rotation_transform="hadamard": every layer's Pi is H diag(s) / sqrt(d) with its own signs, the reference
+    # codes with it like any rotation, and a head_dim that is not a power of two is refused with the fix
+    from qjl_compile import QJLConfig
+    from qjl_compile.cache import _codec_setup
+
+    cfg = QJLConfig.preset("rotation-k4v3-match", head_dim=64, num_layers=4, rotation_transform="hadamard")
+    pis = [_codec_setup(cfg, i, 64, "cpu")[1][0] for i in (0, 1)]
+    assert all(rot.hadamard_signs(p) is not None for p in pis) and not torch.equal(pis[0], pis[1])
+    assert rot.hadamard_signs(_codec_setup(QJLConfig.preset("rotation-k4v3-match", head_dim=64, num_layers=4),
+                                           1, 64, "cpu")[1][0]) is None
+    with pytest.raises(ValueError, match="rotation_transform='haar'"):
+        _codec_setup(QJLConfig(method="rotation", rotation_transform="hadamard"), 0, 96, "cpu")
 
 
 def test_cache_setup_per_layer():
