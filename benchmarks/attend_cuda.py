@@ -142,7 +142,7 @@ def rows_for(B, L, copy_gbs, variants, presets=(), pvariants=(("default", {}),))
 VARIANT_KEYS = {"nw": ("num_warps", int), "ns": ("nsplit", int), "st": ("stages", int), "sqsmem": ("sq_smem", int),
                 "minb": ("min_blocks", int), "pk": ("pack", bool), "fo": ("fma_shifts", bool), "fq": ("fuse_q", bool),
                 "ki": ("key_int8", bool), "pdl": ("pdl", bool), "pipe": ("pipe", bool), "early": ("early", bool),
-                "smask": ("stage_mask", bool)}
+                "smask": ("stage_mask", bool), "had": ("hadamard", bool), "sk": ("stage_keys", bool)}
 
 
 def parse_variants(text):

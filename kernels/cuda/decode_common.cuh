@@ -316,6 +316,9 @@ __device__ __forceinline__ void merge_warps(float* op, float* ls, float (*wo)[8]
 #ifndef NSINK
 #define NSINK 0                 // exact sink tokens (a.ksink / a.vsink, (B * H, NSINK, D) fp16), codecs that have them
 #endif
+#ifndef KST
+#define KST 0                   // 1: the combine stages its first CH_E exact keys by cp.async (stage_keys)
+#endif
 #ifndef HAD
 #define HAD 0                   // 1 (rotation codec): Pi is a randomized Hadamard transform, pi holds its signs / sqrt(D)
 #endif
@@ -329,6 +332,20 @@ __device__ __forceinline__ void stage_values(const A& a, u16 (*vs)[D], int j0, i
         const u16* vp = pos < n_old ? a.rv + b * a.srb + h * a.srh + (i64)(pos - c1) * a.srt
                                     : a.vn + b * a.snb + h * a.snh + (i64)(pos - n_old) * a.snt;
         cp16(&vs[jj][cc], vp + cc);
+    }
+    cp_commit();
+}
+// KST: the first CH_E exact keys into dynamic shared memory (after pi's D * D * 4 bytes, ROT without HAD),
+// every row's copies in flight at once: the scores then read shared memory instead of one global round
+// trip per 4 tokens a warp
+template <class A>
+__device__ __forceinline__ void stage_keys(const A& a, u16 (*ks)[D], int cnt, int e0, int n_old, int c1,
+                                           int b, int h, int d) {
+    for (int i = d; i < cnt * (D / 8); i += D) {
+        const int jj = i / (D / 8), cc = (i % (D / 8)) * 8, pos = e0 + jj;
+        const u16* kp = pos < n_old ? a.rk + b * a.srb + h * a.srh + (i64)(pos - c1) * a.srt
+                                    : a.kn + b * a.snb + h * a.snh + (i64)(pos - n_old) * a.snt;
+        cp16(&ks[jj][cc], kp + cc);
     }
     cp_commit();
 }
@@ -362,6 +379,11 @@ __device__ __forceinline__ void combine_body(const A& a, u16* out, i64 sob, i64 
     __shared__ float wsp[EMAX];
     __shared__ float red[2][D / 32];
     __shared__ __align__(16) u16 vs[CH_E][D];
+#if KST
+    extern __shared__ __align__(16) u8 cdyn[];
+    u16 (*ks)[D] = (u16 (*)[D])(cdyn + (ROT && !HAD ? D * D * 4 : 0));
+    stage_keys(a, ks, min(CH_E, ne), e0, n_old, c1, b, h, d);
+#endif
     if constexpr (ROT && !HAD) {    // pi (D x D fp32) into dynamic shared memory, in flight during the exact part
         extern __shared__ __align__(16) u8 cdyn[];
         for (int i = d; i < D * D / 4; i += D) cp16(cdyn + 16 * i, pi + 4 * i);
@@ -369,7 +391,10 @@ __device__ __forceinline__ void combine_body(const A& a, u16* out, i64 sob, i64 
     }
     stage_values(a, vs, 0, min(CH_E, ne), e0, n_old, c1, b, h, d);
     qrow[d] = q2f(a.q[b * a.sqb + qh * a.sqh + tq * a.sqt + d]);
-    __syncthreads();                        // qrow
+#if KST
+    if constexpr (ROT && !HAD) cp_wait<2>(); else cp_wait<1>();   // the keys (pi and the values may still fly)
+#endif
+    __syncthreads();                        // qrow (KST: and the staged keys)
     float mx = -INFINITY;
     {   // exact scores, a warp per token (lanes over channels: coalesced rows), EPL channels per lane
         const int w = d >> 5, ln = d & 31;
@@ -379,8 +404,14 @@ __device__ __forceinline__ void combine_body(const A& a, u16* out, i64 sob, i64 
 #pragma unroll 4
         for (int j = w; j < ne; j += D / 32) {
             const int pos = e0 + j;
+#if KST
+            const u16* kp = (j < CH_E ? &ks[j][0] : pos < n_old ? a.rk + b * a.srb + h * a.srh + (i64)(pos - c1) * a.srt
+                                                                : a.kn + b * a.snb + h * a.snh + (i64)(pos - n_old) * a.snt)
+                            + ln * (D / 32);
+#else
             const u16* kp = (pos < n_old ? a.rk + b * a.srb + h * a.srh + (i64)(pos - c1) * a.srt
                                          : a.kn + b * a.snb + h * a.snh + (i64)(pos - n_old) * a.snt) + ln * (D / 32);
+#endif
             u32 kw[D / 64];
             if constexpr (D / 32 == 4) { const uint2 v = *(const uint2*)kp; kw[0] = v.x; kw[1] = v.y; }
             else { kw[0] = *(const u32*)kp; }

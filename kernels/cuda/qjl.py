@@ -17,6 +17,7 @@ from .. import reference as ref
 from ..checks import check_attend, check_qjl, late_constants, mask_args
 from . import allow_dynamic_smem, available, launch, module, pdl_supported
 
+STAGE_KEYS = False       # the combine's exact keys staged by cp.async (decode_common.cuh KST): not yet measured
 TIMELINE = False         # benchmarks/timeline.py: build with TL=1 (per-event %globaltimer stamps, decode_common.cuh)
 KERNELS = ("qjl_prep", "qjl_split", "qjl_combine")
 LOG2E = 1.4426950408889634
@@ -188,7 +189,7 @@ def split_plan(LC: int, nsplit: int, nw: int) -> tuple[int, int]:
 
 def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, scale=None, meta=None,
                     nsplit=None, num_warps=None, min_blocks=None, sq_smem=None, stages=None, pack=None,
-                    fma_shifts=None, pdl=None):
+                    fma_shifts=None, pdl=None, stage_keys=None):
     """Fused QJL decode attention, CUDA C++ (semantics of kernels.reference.attend).
 
     Parameters
@@ -222,6 +223,9 @@ def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
     pdl : bool, optional
         Launch the split and the combine with programmatic dependent launch (each may start while the
         kernel before it runs; sm_90+); default `pdl_supported` (on, unless ``QJL_CUDA_PDL=0``).
+    stage_keys : bool, optional
+        The combine copies its first 136 exact keys into shared memory by cp.async, all in flight at once,
+        before scoring them; default STAGE_KEYS.
 
     Returns
     -------
@@ -263,6 +267,8 @@ def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
         defines["SQ_SMEM"] = int(sq_smem)
     nst = STAGES if stages is None else int(stages)
     defines["STAGES"] = nst
+    kst = STAGE_KEYS if stage_keys is None else bool(stage_keys)
+    defines["KST"] = int(kst)
     if TIMELINE:
         defines["TL"] = 1
     dyn = dyn_smem(nw, nst, D, m, mo, o, vb, vg)
@@ -302,6 +308,9 @@ def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
         allow_dynamic_smem(fns["qjl_split"], dyn)
     dep = pdl_supported(dev.index if dev.index is not None else torch.cuda.current_device()) if pdl is None else bool(pdl)
     launch(fns["qjl_split"], (BH, ns), (nw * 32,), [a], stream, shared=dyn, pdl=dep)
+    csm = 136 * D * 2 if kst else 0                        # KST: the exact keys (decode_common.cuh CH_E rows)
+    if csm:
+        allow_dynamic_smem(fns["qjl_combine"], csm)
     launch(fns["qjl_combine"], (BH, M), (D,), [a, P(out.data_ptr()), *(I64(s) for s in out.stride()[:3])], stream,
-           pdl=dep)
+           shared=csm, pdl=dep)
     return out

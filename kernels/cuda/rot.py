@@ -46,6 +46,8 @@ EARLY = False
 # HF's decode mask staged with the cache groups (rot_decode.cu MKS): H200 attend-opts.json, k4v3-match with
 # the (B, 1, 1, L) fp32 mask 68.0 -> 65.9 us at 128k, 129.1 -> 123.4 at B=16 16k, 34.9 -> 33.1 at 32k (no mask: 64.9)
 STAGE_MASK = True
+STAGE_KEYS = False       # the combine's exact keys staged by cp.async (decode_common.cuh KST): not yet measured
+CH_E = 136               # exact tokens the combine stages at a time (decode_common.cuh)
 TIMELINE = False         # benchmarks/timeline.py: build with TL=1 (per-event %globaltimer stamps, decode_common.cuh)
 HADAMARD = True          # Pi a randomized Hadamard transform (QJLConfig.rotation_transform): Pi q by butterflies in
                          # the split, Pi^T o' in the combine (rot_decode.cu HAD), no rot_prep launch, no Pi read
@@ -260,7 +262,8 @@ def _config(B, H, LC):
 
 def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=False, scale=None, meta=None,
                          nsplit=None, num_warps=None, min_blocks=None, stages=None, fma_shifts=None, fuse_q=None,
-                         key_int8=None, pdl=None, pipe=None, early=None, stage_mask=None, hadamard=None):
+                         key_int8=None, pdl=None, pipe=None, early=None, stage_mask=None, hadamard=None,
+                         stage_keys=None):
     """Fused rotation-codec decode attention, CUDA C++ (semantics of kernels.reference.attend).
 
     Parameters
@@ -301,6 +304,9 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
         Where Pi is a randomized Hadamard transform (``QJLConfig(rotation_transform="hadamard")``): the
         split computes Pi q by butterflies (no ``rot_prep`` launch) and the combine rotates back the same
         way (no Pi staging); default HADAMARD wherever Pi allows it (True with a dense Pi: Unsupported).
+    stage_keys : bool, optional
+        The combine copies its first 136 exact keys into shared memory by cp.async, all in flight at once,
+        before scoring them (instead of a global round trip per 4 tokens a warp); default STAGE_KEYS.
     stage_mask : bool, optional
         A per-position mask (HF's (B, 1, 1, L) decode mask) copied with each cache group by cp.async
         instead of loaded in the loop, where `mask_stageable` allows it (True with a mask it does not: Unsupported);
@@ -399,6 +405,8 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
                           f"16-byte aligned rows and >= {LC} positions; got mask kind {kind}, strides {tuple(ms)}")
     mks = (STAGE_MASK if stage_mask is None else bool(stage_mask)) and mask_stageable(kind, mt, ms, LC)
     defines["MKS"] = int(mks)
+    kst = STAGE_KEYS if stage_keys is None else bool(stage_keys)
+    defines["KST"] = int(kst)
     if TIMELINE:
         defines["TL"] = 1
     mke = (1 if kind == 3 else 4) if mks else 0
@@ -436,7 +444,7 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
     dep = pdl_supported(dev.index if dev.index is not None else torch.cuda.current_device()) if pdl is None else bool(pdl)
     allow_dynamic_smem(fns["rot_split"], dyn)
     launch(fns["rot_split"], (BH, ns), (nw * 32,), [a], stream, shared=dyn, pdl=dep and not fq)  # fq: first kernel
-    csm = 0 if had else D * D * 4                         # pi, staged in shared memory (HAD: butterflies)
+    csm = (0 if had else D * D * 4) + (CH_E * D * 2 if kst else 0)   # pi (HAD: butterflies), KST: the exact keys
     if csm:
         allow_dynamic_smem(fns["rot_combine"], csm)
     launch(fns["rot_combine"], (BH, M), (D,), [a, P(out.data_ptr()), *(I64(s) for s in out.stride()[:3])], stream,

@@ -105,7 +105,9 @@ CONFIGS = [dict(D=128, MS=256, MO=128, NO=8, VB=2, VG=32, RR=128, NW=4, QDT=1, M
            dict(D=128, MS=512, MO=256, NO=8, VB=2, VG=32, RR=128, NW=4, QDT=0, MK=0, CAUSAL=1, CAUSAL_C=0, FMAOFF=1),
            dict(D=64, MS=256, MO=128, NO=8, VB=4, VG=32, RR=128, NW=4, QDT=0, MK=1, CAUSAL=0, CAUSAL_C=0),
            dict(D=64, MS=128, MO=0, NO=0, VB=2, VG=32, RR=32, NW=4, QDT=1, MK=2, CAUSAL=0, CAUSAL_C=1),
-           dict(D=128, MS=256, MO=128, NO=5, VB=4, VG=64, RR=64, NW=4, QDT=1, MK=4, CAUSAL=0, CAUSAL_C=0)]
+           dict(D=128, MS=256, MO=128, NO=5, VB=4, VG=64, RR=64, NW=4, QDT=1, MK=4, CAUSAL=0, CAUSAL_C=0),
+           dict(D=128, MS=256, MO=128, NO=8, VB=2, VG=32, RR=128, NW=4, QDT=1, MK=4, CAUSAL=0, CAUSAL_C=0, PK=1,
+                KST=1)]                     # the combine's exact keys staged by cp.async
 
 
 def _cuobjdump():
@@ -240,12 +242,13 @@ def test_cuda_attend_matches_reference(case, mask):
             keep = keep & (torch.rand(B, H * G, Tq, L, generator=gen, device="cuda") > 0.2)
         keep[..., n - 1] = True
         am = keep if mask.startswith("bool") else torch.where(keep, 0.0, float("-inf")).to(dtype)
-    out = cq.qjl_attend_cuda(q, st, consts, kn, vn, am, causal, None, meta)
     want = ref.attend(q, st, consts, kn, vn, am, causal, None, meta)
-    assert out.shape == q.shape and out.stride() == torch.empty_like(q).stride() and out.dtype == q.dtype
-    assert torch.isfinite(out).all()
-    rel = ((out.float() - want.float()).norm() / want.float().norm()).item()
-    assert rel < (1e-2 if dtype == torch.bfloat16 else 4e-3), rel
+    for kw in (dict(), dict(stage_keys=True)):            # KST: the combine's exact keys staged by cp.async
+        out = cq.qjl_attend_cuda(q, st, consts, kn, vn, am, causal, None, meta, **kw)
+        assert out.shape == q.shape and out.stride() == torch.empty_like(q).stride() and out.dtype == q.dtype
+        assert torch.isfinite(out).all()
+        rel = ((out.float() - want.float()).norm() / want.float().norm()).item()
+        assert rel < (1e-2 if dtype == torch.bfloat16 else 4e-3), (kw, rel)
 
 
 @gpu

@@ -403,7 +403,12 @@ CONFIGS = [dict(D=128, KB=4, VB=4, RR=128, NW=4, QDT=1, MK=4, CAUSAL=0, CAUSAL_C
            dict(D=128, KB=4, VB=3, RR=128, NW=4, QDT=1, MK=0, CAUSAL=1, CAUSAL_C=0, CK=1, BLK=128, MINB=3, STAGES=2,
                 NSINK=4, FMAOFF=1, FUSEQ=1, HAD=1, KI8=1, PK=0, VFRAG=1),
            dict(D=64, KB=4, VB=4, RR=64, NW=4, QDT=0, MK=2, CAUSAL=0, CAUSAL_C=0, CK=0, BLK=64, MINB=3, STAGES=2,
-                FMAOFF=1, FUSEQ=1, HAD=1, KI8=0, PK=0)]
+                FMAOFF=1, FUSEQ=1, HAD=1, KI8=0, PK=0, KST=1),
+           # the combine's exact keys staged by cp.async (KST), with a dense Pi and a Hadamard one
+           dict(D=128, KB=4, VB=3, RR=128, NW=8, QDT=1, MK=4, CAUSAL=0, CAUSAL_C=0, CK=1, BLK=128, MINB=2, STAGES=2,
+                NSINK=4, FMAOFF=1, KI8=1, PK=1, VFRAG=1, MKS=1, KST=1),
+           dict(D=128, KB=4, VB=3, RR=128, NW=8, QDT=1, MK=4, CAUSAL=0, CAUSAL_C=0, CK=1, BLK=128, MINB=2, STAGES=2,
+                NSINK=4, FMAOFF=1, FUSEQ=1, HAD=1, KI8=1, PK=1, VFRAG=1, MKS=1, KST=1)]
 
 
 def _assert_pdl(path, k, split_waits=True):
@@ -419,7 +424,7 @@ def _assert_pdl(path, k, split_waits=True):
 @nvrtc_ok
 @pytest.mark.parametrize("defines", CONFIGS,
                          ids=lambda d: f"D{d['D']}v{d['VB']}mk{d['MK']}ck{d['CK']}q{d['QDT']}s{d.get('NSINK', 0)}nw{d['NW']}"
-                                       f"i{d.get('KI8', 0)}{d.get('PK', 0)}f{d.get('FUSEQ', 0)}h{d.get('HAD', 0)}v{d.get('VFRAG', 0)}p{d.get('PIPE', 0)}e{d.get('EARLY', 0)}m{d.get('MKS', 0)}")
+                                       f"i{d.get('KI8', 0)}{d.get('PK', 0)}f{d.get('FUSEQ', 0)}h{d.get('HAD', 0)}k{d.get('KST', 0)}v{d.get('VFRAG', 0)}p{d.get('PIPE', 0)}e{d.get('EARLY', 0)}m{d.get('MKS', 0)}")
 def test_compiles_for_sm90(defines, tmp_path):
     from qjl_compile.kernels.cuda import compile_source
     path = tmp_path / "k.cubin"
@@ -559,7 +564,7 @@ def test_cuda_attend_hadamard_matches_reference(case, mask):
         am = keep if mask.startswith("bool") else torch.where(keep, 0.0, float("-inf")).to(dtype)
     want = ref.attend(q, st, consts, kn, vn, am, causal, None, meta)
     tol = 1e-2 if dtype == torch.bfloat16 else 4e-3
-    for kw in (dict(), dict(hadamard=False)):            # butterflies, and the dense path on the same Pi
+    for kw in (dict(), dict(hadamard=False), dict(stage_keys=True)):   # butterflies, the dense path on the same Pi
         out = cr.rotation_attend_cuda(q, st, consts, kn, vn, am, causal, None, meta, **kw)
         assert out.shape == q.shape and out.dtype == q.dtype and torch.isfinite(out).all()
         rel = ((out.float() - want.float()).norm() / want.float().norm()).item()
@@ -630,7 +635,7 @@ def test_launch_config_rule():
 @pytest.mark.parametrize("kw", [dict(num_warps=8), dict(fuse_q=True), dict(fuse_q=True, key_int8=False),
                                 dict(fuse_q=True, num_warps=8), dict(fma_shifts=False), dict(num_warps=8, fuse_q=False),
                                 dict(key_int8=False), dict(key_int8=False, num_warps=8), dict(exact_codebook=True),
-                                dict(pdl=False)],
+                                dict(pdl=False), dict(stage_keys=True), dict(stage_keys=True, num_warps=8)],
                          ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
 def test_launch_variants_match_reference(vb, sink, kw):
     B, H, G, D, L, n = 1, 4, 4, 128, 8192, 7000
