@@ -182,6 +182,19 @@ def pdl_supported(device_index: int) -> bool:
     return PDL and torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached)."""
+    import torch
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    return _sm_count(idx)
+
+
+@functools.cache
+def _sm_count(idx: int) -> int:
+    import torch
+    return torch.cuda.get_device_properties(idx).multi_processor_count
+
+
 def launch(fn, grid, block, params, stream, shared: int = 0, pdl: bool = False) -> None:
     """Launch `fn` on `stream` (a torch.cuda.Stream) with `params`: a list of ctypes values (or one
     ctypes Structure), each passed by address as the kernel's arguments in order.

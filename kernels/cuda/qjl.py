@@ -15,9 +15,13 @@ import torch
 
 from .. import reference as ref
 from ..checks import check_attend, check_qjl, late_constants, mask_args
-from . import allow_dynamic_smem, available, launch, module, pdl_supported
+from . import allow_dynamic_smem, available, launch, module, pdl_supported, sm_count
 
-STAGE_KEYS = False       # the combine's exact keys staged by cp.async (decode_common.cuh KST): not yet measured
+# the combine's exact keys staged by cp.async (decode_common.cuh KST): None = where the combine grid (B * H * M
+# CTAs) fits one CTA per SM. H100 (RESULTS "Session of 2026-12-06"): k4v3-match (Hadamard) 20.2 -> 18.5 us at B=1 4k,
+# 31.9 -> 31.3 at 32k, 73.1 -> 72.6 at 128k, but 124.9 -> 129.0 at B=16 16k (512 combine CTAs, whose 34 KB each
+# take shared memory from the split under PDL); QJL 21.2 -> 20.6 at 4k, 157.4 -> 160.3 at B=16
+STAGE_KEYS = None
 TIMELINE = False         # benchmarks/timeline.py: build with TL=1 (per-event %globaltimer stamps, decode_common.cuh)
 KERNELS = ("qjl_prep", "qjl_split", "qjl_combine")
 LOG2E = 1.4426950408889634
@@ -225,7 +229,8 @@ def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
         kernel before it runs; sm_90+); default `pdl_supported` (on, unless ``QJL_CUDA_PDL=0``).
     stage_keys : bool, optional
         The combine copies its first 136 exact keys into shared memory by cp.async, all in flight at once,
-        before scoring them; default STAGE_KEYS.
+        before scoring them; default STAGE_KEYS (None: where the B * H * M
+        combine CTAs fit one per SM).
 
     Returns
     -------
@@ -268,6 +273,8 @@ def qjl_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_causal=Fa
     nst = STAGES if stages is None else int(stages)
     defines["STAGES"] = nst
     kst = STAGE_KEYS if stage_keys is None else bool(stage_keys)
+    if kst is None:
+        kst = B * H * M <= sm_count(q.device)
     defines["KST"] = int(kst)
     if TIMELINE:
         defines["TL"] = 1

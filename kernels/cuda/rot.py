@@ -26,7 +26,7 @@ import torch
 
 from .. import rotation as rot
 from ..checks import check_attend, late_constants, mask_args
-from . import allow_dynamic_smem, available, launch, module, pdl_supported
+from . import allow_dynamic_smem, available, launch, module, pdl_supported, sm_count
 from .qjl import Unsupported, split_plan
 
 KERNELS = ("rot_prep", "rot_split", "rot_combine")
@@ -46,7 +46,11 @@ EARLY = False
 # HF's decode mask staged with the cache groups (rot_decode.cu MKS): H200 attend-opts.json, k4v3-match with
 # the (B, 1, 1, L) fp32 mask 68.0 -> 65.9 us at 128k, 129.1 -> 123.4 at B=16 16k, 34.9 -> 33.1 at 32k (no mask: 64.9)
 STAGE_MASK = True
-STAGE_KEYS = False       # the combine's exact keys staged by cp.async (decode_common.cuh KST): not yet measured
+# the combine's exact keys staged by cp.async (decode_common.cuh KST): None = where the combine grid (B * H * M
+# CTAs) fits one CTA per SM. H100 (RESULTS "Session of 2026-12-06"): k4v3-match (Hadamard) 20.2 -> 18.5 us at B=1 4k,
+# 31.9 -> 31.3 at 32k, 73.1 -> 72.6 at 128k, but 124.9 -> 129.0 at B=16 16k (512 combine CTAs, whose 34 KB each
+# take shared memory from the split under PDL); QJL 21.2 -> 20.6 at 4k, 157.4 -> 160.3 at B=16
+STAGE_KEYS = None
 CH_E = 136               # exact tokens the combine stages at a time (decode_common.cuh)
 TIMELINE = False         # benchmarks/timeline.py: build with TL=1 (per-event %globaltimer stamps, decode_common.cuh)
 HADAMARD = True          # Pi a randomized Hadamard transform (QJLConfig.rotation_transform): Pi q by butterflies in
@@ -306,7 +310,8 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
         way (no Pi staging); default HADAMARD wherever Pi allows it (True with a dense Pi: Unsupported).
     stage_keys : bool, optional
         The combine copies its first 136 exact keys into shared memory by cp.async, all in flight at once,
-        before scoring them (instead of a global round trip per 4 tokens a warp); default STAGE_KEYS.
+        before scoring them (instead of a global round trip per 4 tokens a warp); default STAGE_KEYS
+        (None: where the B * H * M combine CTAs fit one per SM).
     stage_mask : bool, optional
         A per-position mask (HF's (B, 1, 1, L) decode mask) copied with each cache group by cp.async
         instead of loaded in the loop, where `mask_stageable` allows it (True with a mask it does not: Unsupported);
@@ -406,6 +411,8 @@ def rotation_attend_cuda(q, state, consts, k_new, v_new, attn_mask=None, is_caus
     mks = (STAGE_MASK if stage_mask is None else bool(stage_mask)) and mask_stageable(kind, mt, ms, LC)
     defines["MKS"] = int(mks)
     kst = STAGE_KEYS if stage_keys is None else bool(stage_keys)
+    if kst is None:                                       # measured with HAD (34 KB; a dense Pi's combine has 64 KB more)
+        kst = had and B * H * M <= sm_count(q.device)
     defines["KST"] = int(kst)
     if TIMELINE:
         defines["TL"] = 1

@@ -402,8 +402,13 @@ def test_hadamard_transform_setup():
     cfg = QJLConfig.preset("rotation-k4v3-match", head_dim=64, num_layers=4, rotation_transform="hadamard")
     pis = [_codec_setup(cfg, i, 64, "cpu")[1][0] for i in (0, 1)]
     assert all(rot.hadamard_signs(p) is not None for p in pis) and not torch.equal(pis[0], pis[1])
-    assert rot.hadamard_signs(_codec_setup(QJLConfig.preset("rotation-k4v3-match", head_dim=64, num_layers=4),
-                                           1, 64, "cpu")[1][0]) is None
+    assert rot.hadamard_signs(_codec_setup(QJLConfig.preset("rotation-k4v3-match", head_dim=64, num_layers=4,
+                                                            rotation_transform="haar"), 1, 64, "cpu")[1][0]) is None
+    # the GPU presets take it where head_dim allows; the others keep Haar
+    assert QJLConfig.preset("rotation-k4v3-match", head_dim=64).rotation_transform == "hadamard"
+    assert QJLConfig.preset("rotation4", head_dim=128).rotation_transform == "hadamard"
+    assert QJLConfig.preset("rotation-k4v3-match", head_dim=96).rotation_transform == "haar"
+    assert QJLConfig.preset("rotation-mixed-35w8", head_dim=64).rotation_transform == "haar"
     with pytest.raises(ValueError, match="rotation_transform='haar'"):
         _codec_setup(QJLConfig(method="rotation", rotation_transform="hadamard"), 0, 96, "cpu")
 
