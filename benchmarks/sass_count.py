@@ -27,14 +27,18 @@ import tempfile
 # the launchers' defines at the reference shapes (Llama-3-8B attention, bf16, decode, no mask):
 # kernels/cuda/rot.py rotation_attend_cuda / qjl.py qjl_attend_cuda; --set overrides any entry
 CONFIGS = {
-    # rotation-k4v3-match past the initial layers, B=1 L=128k: 8 warps, 2 CTAs per SM (rot._config)
+    # rotation-k4v3-match past the initial layers, B=1 L=128k: 8 warps, 2 CTAs per SM (rot._config); the preset's
+    # Hadamard Pi (HAD, since 2026-12-06: Pi q in the split) and the dense one it had before ("rot-128k-haar")
     "rot-128k": ("rot_decode", "rot_split", dict(D=128, KB=4, VB=3, RR=128, NW=8, QDT=1, MK=0, CAUSAL=1, CAUSAL_C=0,
                                                  CK=1, BLK=128, MINB=2, STAGES=2, NSINK=4, FMAOFF=1, VFRAG=1, PIPE=0,
-                                                 FUSEQ=0, KI8=1, PK=1, EARLY=0, MKS=0)),
+                                                 FUSEQ=1, HAD=1, KI8=1, PK=1, EARLY=0, MKS=0, KST=1)),
+    "rot-128k-haar": ("rot_decode", "rot_split", dict(D=128, KB=4, VB=3, RR=128, NW=8, QDT=1, MK=0, CAUSAL=1,
+                                                      CAUSAL_C=0, CK=1, BLK=128, MINB=2, STAGES=2, NSINK=4, FMAOFF=1,
+                                                      VFRAG=1, PIPE=0, FUSEQ=0, KI8=1, PK=1, EARLY=0, MKS=0)),
     # the same at 32k and below: 4 warps, 3 CTAs per SM
     "rot-32k": ("rot_decode", "rot_split", dict(D=128, KB=4, VB=3, RR=128, NW=4, QDT=1, MK=0, CAUSAL=1, CAUSAL_C=0,
                                                 CK=1, BLK=128, MINB=3, STAGES=2, NSINK=4, FMAOFF=1, VFRAG=1, PIPE=0,
-                                                FUSEQ=0, KI8=1, PK=1, EARLY=0, MKS=0)),
+                                                FUSEQ=1, HAD=1, KI8=1, PK=1, EARLY=0, MKS=0, KST=1)),
     # the QJL reference preset past the initial layers (m=256, m_out=128, 8 outliers, 2-bit values)
     "qjl-128k": ("qjl_decode", "qjl_split", dict(D=128, MS=256, MO=128, NO=8, VB=2, VG=32, RR=128, NW=4, QDT=1, MK=0,
                                                  CAUSAL=1, CAUSAL_C=0, MINB=3, PK=1, FMAOFF=0, STAGES=3)),
