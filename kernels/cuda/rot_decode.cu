@@ -261,21 +261,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const int b = bh / a.H, h = bh % a.H;
-#if HAD
-    // q and the signs first: they do not depend on the length word, whose load the stream prologue waits
-    // for (in-order issue: loads placed after that prologue leave only once the length has come back)
-    constexpr int QE = D / 32, QR = (8 + NW - 1) / NW;
-    float hsg[QE], hq[QR][QE];
-#pragma unroll
-    for (int k = 0; k < QE; ++k) hsg[k] = a.pi[QE * lane + k];
-#pragma unroll
-    for (int i = 0; i < QR; ++i) {
-        const int r = warp + i * NW;
-        const u16* qp = a.q + b * a.sqb + (h * a.G + r / a.Tq) * a.sqh + (r % a.Tq) * a.sqt + QE * lane;
-#pragma unroll
-        for (int k = 0; k < QE; ++k) hq[i][k] = r < 8 && r < a.M ? q2f(qp[k]) : 0.f;
-    }
-#endif
     const int n = (int)a.len[0];
     const int c1 = n / RR * RR;
     const int cl = min(c1, n - a.T);
@@ -313,13 +298,14 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
     {   // Pi q = H (s q) / sqrt(D) (a.pi: s / sqrt(D)): a warp per query row by butterflies (fwht_warp),
         // no matrix read and no round trip through shared memory; lane holds channels E lane .. + E - 1
         constexpr int E = D / 32;
+        float sg[E];
 #pragma unroll
-        for (int i = 0; i < QR; ++i) {
-            const int r = warp + i * NW;
-            if (r >= 8) break;
+        for (int k = 0; k < E; ++k) sg[k] = a.pi[E * lane + k];
+        for (int r = warp; r < 8; r += NW) {
             float x[E];
+            const u16* qp = a.q + b * a.sqb + (h * a.G + r / a.Tq) * a.sqh + (r % a.Tq) * a.sqt + E * lane;
 #pragma unroll
-            for (int k = 0; k < E; ++k) x[k] = hq[i][k] * hsg[k];   // q and s / sqrt(D), loaded at the top
+            for (int k = 0; k < E; ++k) x[k] = r < a.M ? q2f(qp[k]) * sg[k] : 0.f;
             fwht_warp<D>(x, lane);
             float ss = 0.f;
 #pragma unroll
