@@ -29,7 +29,8 @@ from kbench import D, DTYPE, H, HQ, preset_fill, preset_setup  # noqa: E402
 from timer import _flush_l2, env_header  # noqa: E402
 
 EVENTS = ("prep start", "prep end", "split start", "split after wait", "split loop start", "split loop end",
-          "split end", "combine start", "combine before wait", "combine after wait", "combine end")
+          "split end", "combine start", "combine before wait", "combine after wait", "combine end",
+          "split streams issued", "split Pi q ready")    # 11, 12: rot_split's prologue (FUSEQ / HAD for 12)
 
 
 def _tl_buffers():
@@ -157,7 +158,7 @@ def main(argv=None):
             ev, wall, res = timeline(call, args.rep)
             print(f"\n{name}  B={B} L={L}  graph replay {wall:.1f} us (with the stamps)  timer resolution {res} ns")
             print(f"  {'event':22s} {'first':>8s} {'last':>8s}   (us from the first prep CTA's start)")
-            for k, (a, b) in ev.items():
+            for k, (a, b) in sorted(ev.items(), key=lambda kv: kv[1][0]):
                 print(f"  {k:22s} {a:8.2f} {b:8.2f}")
             out.append(dict(preset=name, B=B, L=L, replay_us=wall, resolution_ns=res,
                             events={k: dict(first=a, last=b) for k, (a, b) in ev.items()}))

@@ -290,6 +290,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
     const u32 sb = smem_addr(wst) + 16 * lane;
     Streams cps(a, tb + lo + warp * 32, lane, b, lo + warp * 32);
     stream_prologue<PD + 1, NW, ST_SIZE>(cps, sb, lo, hi, warp, lane);
+    TLM(11);
 #if FUSEQ
     __shared__ float qsc[8];                        // 2^e per row
     __shared__ float qsg[8];                        // KI8: sigma per row
@@ -385,6 +386,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) rot_split(const Args
         }
     }
 #endif
+    TLM(12);
     const signed char* qib = &qis[0][0];
     const float* qsgb = qsg;
 #else

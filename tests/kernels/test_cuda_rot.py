@@ -843,7 +843,7 @@ def test_timeline_stamps_only_when_asked(name, tmp_path):
     # benchmarks/timeline.py builds with TL=1; every other build must not carry the stamps
     from qjl_compile.kernels.cuda import compile_source
     qjl = dict(D=128, MS=256, MO=128, NO=8, VB=2, VG=32, RR=128, NW=4, QDT=1, MK=3, CAUSAL=0, CAUSAL_C=0)
-    base = CONFIGS[0] if name == "rot_decode" else qjl
+    base = CONFIGS[-1] if name == "rot_decode" else qjl        # rot: the HAD default (prologue stamps 11, 12)
     found = {}
     for tl in (0, 1):
         path = tmp_path / f"k{tl}.cubin"
