@@ -52,3 +52,16 @@ def assert_pdl_same_bits(attend, st, consts, meta, gen, B, H, G, D):
     off = attend(q, st, consts, kn, kn, None, True, None, meta, pdl=False)
     for _ in range(3):
         assert torch.equal(attend(q, st, consts, kn, kn, None, True, None, meta, pdl=True), off)
+
+
+def decode_mask(mask, B, Hq, Tq, L, n, gen, dtype):
+    """(attn_mask, is_causal) of a decode test: "none" (causal), or a random HF-style mask over the n
+    valid positions with the newest always visible: "bool_pos" / "float_pos" per position (B, 1, 1, L),
+    "bool_row" per query row as well (B, Hq, Tq, L); float masks additive in `dtype`."""
+    if mask == "none":
+        return None, True
+    keep = (torch.arange(L, device="cuda") < n) & (torch.rand(B, 1, 1, L, generator=gen, device="cuda") > 0.1)
+    if mask == "bool_row":
+        keep = keep & (torch.rand(B, Hq, Tq, L, generator=gen, device="cuda") > 0.2)
+    keep[..., n - 1] = True
+    return (keep if mask.startswith("bool") else torch.where(keep, 0.0, float("-inf")).to(dtype)), False

@@ -11,7 +11,7 @@ from qjl_compile.kernels import reference as ref
 from qjl_compile.kernels.cuda import available
 from qjl_compile.kernels.cuda import qjl as cq
 
-from kernel_env import CUDA, INTERP, assert_pdl_same_bits, capture_decode, gpu
+from kernel_env import CUDA, INTERP, assert_pdl_same_bits, capture_decode, decode_mask, gpu
 
 nvrtc_ok = pytest.mark.skipif(not available()[0], reason=available()[1] or "NVRTC available")
 needs_gpu = pytest.mark.skipif(not CUDA or INTERP or not available()[0], reason="needs CUDA and cuda-bindings")
@@ -233,15 +233,7 @@ def test_cuda_attend_matches_reference(case, mask):
     ref.append_(st, consts, kn, vn, meta)
     q = (torch.randn(B, H * G, Tq, D, generator=gen, device="cuda") * 2).to(dtype)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)             # HF's layout: a transposed view
-    am = None
-    causal = mask == "none"
-    if mask != "none":
-        pos = torch.arange(L, device="cuda")
-        keep = (pos < n) & (torch.rand(B, 1, 1, L, generator=gen, device="cuda") > 0.1)
-        if mask == "bool_row":
-            keep = keep & (torch.rand(B, H * G, Tq, L, generator=gen, device="cuda") > 0.2)
-        keep[..., n - 1] = True
-        am = keep if mask.startswith("bool") else torch.where(keep, 0.0, float("-inf")).to(dtype)
+    am, causal = decode_mask(mask, B, H * G, Tq, L, n, gen, dtype)
     want = ref.attend(q, st, consts, kn, vn, am, causal, None, meta)
     for kw in (dict(), dict(stage_keys=True)):            # KST: the combine's exact keys staged by cp.async
         out = cq.qjl_attend_cuda(q, st, consts, kn, vn, am, causal, None, meta, **kw)

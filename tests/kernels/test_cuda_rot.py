@@ -14,7 +14,7 @@ from qjl_compile.kernels.cuda import available
 from qjl_compile.kernels.cuda import rot as cr
 from qjl_compile.kernels.cuda.qjl import Unsupported
 
-from kernel_env import CUDA, INTERP, assert_pdl_same_bits, capture_decode, gpu
+from kernel_env import CUDA, INTERP, assert_pdl_same_bits, capture_decode, decode_mask, gpu
 
 nvrtc_ok = pytest.mark.skipif(not available()[0], reason=available()[1] or "NVRTC available")
 needs_gpu = pytest.mark.skipif(not CUDA or INTERP or not available()[0], reason="needs CUDA and cuda-bindings")
@@ -518,15 +518,7 @@ def test_cuda_attend_matches_reference(case, mask):
     ref.append_(st, consts, kn, vn, meta)
     q = (torch.randn(B, H * G, Tq, D, generator=gen, device="cuda") * 2).to(dtype)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)             # HF's layout: a transposed view
-    am = None
-    causal = mask == "none"
-    if mask != "none":
-        pos = torch.arange(L, device="cuda")
-        keep = (pos < n) & (torch.rand(B, 1, 1, L, generator=gen, device="cuda") > 0.1)
-        if mask == "bool_row":
-            keep = keep & (torch.rand(B, H * G, Tq, L, generator=gen, device="cuda") > 0.2)
-        keep[..., n - 1] = True
-        am = keep if mask.startswith("bool") else torch.where(keep, 0.0, float("-inf")).to(dtype)
+    am, causal = decode_mask(mask, B, H * G, Tq, L, n, gen, dtype)
     out = cr.rotation_attend_cuda(q, st, consts, kn, vn, am, causal, None, meta)
     want = ref.attend(q, st, consts, kn, vn, am, causal, None, meta)
     assert out.shape == q.shape and out.stride() == torch.empty_like(q).stride() and out.dtype == q.dtype
@@ -554,14 +546,7 @@ def test_cuda_attend_hadamard_matches_reference(case, mask):
     vn = torch.randn(B, H, Tq, D, generator=gen, device="cuda").to(dtype)
     ref.append_(st, consts, kn, vn, meta)
     q = (torch.randn(B, H * G, Tq, D, generator=gen, device="cuda") * 2).to(dtype)
-    am, causal = None, mask == "none"
-    if mask != "none":
-        pos = torch.arange(L, device="cuda")
-        keep = (pos < n) & (torch.rand(B, 1, 1, L, generator=gen, device="cuda") > 0.1)
-        if mask == "bool_row":
-            keep = keep & (torch.rand(B, H * G, Tq, L, generator=gen, device="cuda") > 0.2)
-        keep[..., n - 1] = True
-        am = keep if mask.startswith("bool") else torch.where(keep, 0.0, float("-inf")).to(dtype)
+    am, causal = decode_mask(mask, B, H * G, Tq, L, n, gen, dtype)
     want = ref.attend(q, st, consts, kn, vn, am, causal, None, meta)
     tol = 1e-2 if dtype == torch.bfloat16 else 4e-3
     for kw in (dict(), dict(hadamard=False), dict(stage_keys=True)):   # butterflies, the dense path on the same Pi
